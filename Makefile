@@ -1,0 +1,34 @@
+# The two commands of the README: `make quickstart` and `make test`.
+# Both create the virtual environment on first use and install the project into it.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+EXTRAS ?= all
+
+.PHONY: quickstart test test-slow lint format clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
+	touch $@
+
+## Train a small DiT on the bundled handwritten digits (CPU, minutes), save sample grids.
+quickstart: $(VENV)/.installed
+	$(PY) train.py
+
+## The default test suite (fast, CPU); CI runs exactly this through .ci/run.
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+## Longer checks that are not part of the default run.
+test-slow: $(VENV)/.installed
+	$(PY) -m pytest -q -m slow
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+clean-venv:
+	rm -rf $(VENV)
