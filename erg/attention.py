@@ -1,0 +1,195 @@
+"""The attention seam: every attention layer of our models calls `attention(q, k, v, site, plan)`.
+
+A layer describes itself with a `Site` (its index, which tokens are image tokens, their 2D grid).
+An `AttentionPlan` says which *rectifier* replaces plain attention in which layers and for which
+rows of the batch. Guidance builds a plan per step and passes it explicitly through the model's
+`forward(..., plan=...)`: nothing is monkeypatched and nothing stays installed after a call.
+
+Rules the seam guarantees (tests/test_attention.py):
+- an empty plan, or a rule whose layer set is empty, gives plain `scaled_dot_product_attention`;
+- a rectifier touches only its rows and layers; other rows are bit-for-bit the plain forward;
+- a layer or row range that does not exist is an error, never a silent no-op.
+
+Rectifiers defined here: `Temperature` (ERG's Algorithm 1). The baselines' rectifiers (identity for
+PAG, smoothed energy for SEG, attention capture for SAG) implement the same `Rectifier` interface.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["AttentionPlan", "Rectifier", "Rule", "Site", "Temperature", "attention"]
+
+
+@dataclass(frozen=True)
+class Site:
+    """What an attention layer tells the seam about itself.
+
+    layer: index of the attention layer in the model (0-based, in forward order).
+    image: the token range holding image tokens (all tokens for DiT; the image segment of MMDiT's
+        joint attention). Image-level rectifiers act on these queries only.
+    grid: (height, width) of the image tokens, for rectifiers that need their 2D layout (SEG).
+    """
+
+    layer: int
+    image: slice = field(default_factory=lambda: slice(None))
+    grid: tuple[int, int] | None = None
+
+
+class Rectifier(ABC):
+    """Replaces plain attention for the batch rows and layers a `Rule` gives it."""
+
+    def query_scale(self) -> float | None:
+        """If this rectifier is exactly "image-token logits times a factor", that factor.
+
+        The seam then folds it into a per-row scale of the queries and runs ONE fused SDPA call
+        for the whole batch (rectified and plain rows together), so ERG costs what CFG costs.
+        """
+        return None
+
+    @abstractmethod
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, site: Site) -> Tensor:
+        """Attention output for the given rows. q, k, v: (rows, heads, tokens, head_dim)."""
+
+
+@dataclass(frozen=True)
+class Temperature(Rectifier):
+    """Energy-landscape rectification of the paper's Algorithm 1, on the image-token queries.
+
+        repeat K (`steps`) times:  Q <- Q - gamma * (Q - alpha * softmax(tau * beta * Q K^T) V)
+
+    with beta = 1 / sqrt(d). K = 1, gamma = 1, alpha = 1 is attention with logits scaled by tau
+    (eq. (9)); it runs as a fused SDPA call. Note: Algorithm 1 keeps the residual Q unscaled; the
+    paper's Listing 2 scales Q by tau before the loop, which differs only when gamma != 1. We follow
+    Algorithm 1 (REFERENCE.md).
+    """
+
+    tau: float
+    alpha: float = 1.0
+    gamma: float = 1.0
+    steps: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.tau > 0:
+            raise ValueError(f"temperature tau must be > 0, got {self.tau}")
+        if not self.gamma > 0:
+            raise ValueError(f"step size gamma must be > 0, got {self.gamma}")
+        if not (isinstance(self.steps, int) and self.steps >= 1):
+            raise ValueError(f"steps K must be an integer >= 1, got {self.steps!r}")
+
+    @property
+    def is_logit_scale(self) -> bool:
+        return self.steps == 1 and self.alpha == 1.0 and self.gamma == 1.0
+
+    def query_scale(self) -> float | None:
+        return float(self.tau) if self.is_logit_scale else None
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, site: Site) -> Tensor:
+        out = F.scaled_dot_product_attention(q, k, v)  # non-image queries keep plain attention
+        q_img = q[:, :, site.image]
+        scale = self.tau / math.sqrt(q.shape[-1])  # tau * beta
+        for _ in range(self.steps):
+            attended = F.scaled_dot_product_attention(q_img, k, v, scale=scale)
+            q_img = q_img - self.gamma * (q_img - self.alpha * attended)
+        out[:, :, site.image] = q_img
+        return out
+
+
+def _as_layers(layers: Iterable[int] | int) -> frozenset[int]:
+    if isinstance(layers, int):
+        return frozenset([layers])
+    return frozenset(int(i) for i in layers)
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Apply `rectifier` in `layers` to batch rows `rows` (a slice of the batch)."""
+
+    rectifier: Rectifier
+    layers: frozenset[int]
+    rows: slice = field(default_factory=lambda: slice(None))
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", _as_layers(self.layers))
+        if not isinstance(self.rows, slice) or self.rows.step not in (None, 1):
+            raise ValueError(f"rows must be a contiguous slice of the batch, got {self.rows!r}")
+
+    def row_range(self, batch_size: int) -> range:
+        return range(*self.rows.indices(batch_size))
+
+
+@dataclass(frozen=True)
+class AttentionPlan:
+    """Which rectifier runs in which layers for which rows. Empty by default (plain attention)."""
+
+    rules: tuple[Rule, ...] = field(default_factory=tuple)
+
+    @classmethod
+    def single(cls, rectifier: Rectifier, layers: Iterable[int] | int, rows: slice = slice(None)) -> AttentionPlan:
+        return cls((Rule(rectifier, _as_layers(layers), rows),))
+
+    def __bool__(self) -> bool:
+        return any(rule.layers for rule in self.rules)
+
+    def __add__(self, other: AttentionPlan) -> AttentionPlan:
+        return AttentionPlan(self.rules + other.rules)
+
+    def at(self, layer: int) -> tuple[Rule, ...]:
+        return tuple(rule for rule in self.rules if layer in rule.layers)
+
+    @property
+    def layers(self) -> frozenset[int]:
+        return frozenset().union(*(rule.layers for rule in self.rules))
+
+    def validate(self, num_layers: int, batch_size: int | None = None) -> None:
+        """Raise if a rule names a layer the model lacks, rows outside the batch, or overlapping rules."""
+        bad = sorted(i for i in self.layers if not 0 <= i < num_layers)
+        if bad:
+            raise ValueError(
+                f"attention plan names layers {bad} but the model has {num_layers} attention layers "
+                f"(valid: 0..{num_layers - 1}); fix the guidance layer range"
+            )
+        if batch_size is None:
+            return
+        for rule in self.rules:
+            start, stop = rule.rows.start or 0, rule.rows.stop
+            if start < 0 or (stop is not None and (stop < 0 or stop > batch_size)):
+                raise ValueError(f"attention plan rows {rule.rows} fall outside a batch of {batch_size} rows")
+        for layer in self.layers:
+            taken: set[int] = set()
+            for rule in self.at(layer):
+                rows = set(rule.row_range(batch_size))
+                if rows & taken:
+                    raise ValueError(f"two rectifiers claim the same batch rows in layer {layer}")
+                taken |= rows
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, site: Site, plan: AttentionPlan | None = None) -> Tensor:
+    """Multi-head attention through the seam. q, k, v: (batch, heads, tokens, head_dim)."""
+    rules = plan.at(site.layer) if plan else ()
+    if not rules:
+        return F.scaled_dot_product_attention(q, k, v)
+
+    if all(rule.rectifier.query_scale() is not None for rule in rules):
+        # Fast path: every rectifier here is a logit temperature. Scale the image queries row by
+        # row (rows outside the rules are multiplied by exactly 1.0, which is bit-exact) and run
+        # one fused SDPA call: softmax((tau q) k^T / sqrt(d)) == softmax(tau q k^T / sqrt(d)).
+        scale = torch.ones(q.shape[0], device=q.device, dtype=torch.float32)
+        for rule in rules:
+            scale[rule.rows] = rule.rectifier.query_scale()
+        q = q.clone()
+        q[:, :, site.image] = (q[:, :, site.image] * scale.view(-1, 1, 1, 1)).to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v)
+
+    out = F.scaled_dot_product_attention(q, k, v)
+    for rule in rules:
+        rows = rule.rows
+        out[rows] = rule.rectifier(q[rows], k[rows], v[rows], site).to(out.dtype)
+    return out

@@ -1,0 +1,131 @@
+"""Rectified-flow conventions, written once and used everywhere.
+
+Time t in [0, 1]: t = 0 is pure noise, t = 1 is data (the paper's and SiT's convention).
+
+    x_t = t * x + (1 - t) * eps          velocity  v = x - eps
+    x0_hat  = x_t + (1 - t) * v           (the "clean" / denoised prediction)
+    eps_hat = x_t - t * v
+
+diffusers' flow-matching scheduler uses sigma = 1 - t and predicts v_diffusers = -v: convert at
+the boundary with `to_diffusers_sigma` / `from_diffusers_velocity`, never inside the math.
+CADS is written in diffusion time (1 = noise): use `from_diffusion_time`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "eps_from_velocity",
+    "from_diffusers_velocity",
+    "from_diffusion_time",
+    "interpolate",
+    "sample_timesteps",
+    "shift_time",
+    "time_grid",
+    "to_diffusers_sigma",
+    "velocity_from_eps",
+    "velocity_from_x0",
+    "velocity_target",
+    "x0_from_velocity",
+]
+
+
+def _bcast(t: Tensor | float, like: Tensor) -> Tensor | float:
+    """Broadcast a per-sample time of shape (B,) against a (B, ...) tensor."""
+    if isinstance(t, Tensor) and t.ndim == 1:
+        return t.view(-1, *([1] * (like.ndim - 1)))
+    return t
+
+
+def interpolate(x: Tensor, eps: Tensor, t: Tensor | float) -> Tensor:
+    """x_t = t x + (1 - t) eps."""
+    t = _bcast(t, x)
+    return t * x + (1 - t) * eps
+
+
+def velocity_target(x: Tensor, eps: Tensor) -> Tensor:
+    """d x_t / d t = x - eps."""
+    return x - eps
+
+
+def x0_from_velocity(x_t: Tensor, v: Tensor, t: Tensor | float) -> Tensor:
+    """Denoised prediction x0_hat = x_t + (1 - t) v (paper, appendix D)."""
+    return x_t + (1 - _bcast(t, x_t)) * v
+
+
+def eps_from_velocity(x_t: Tensor, v: Tensor, t: Tensor | float) -> Tensor:
+    """Noise prediction eps_hat = x_t - t v."""
+    return x_t - _bcast(t, x_t) * v
+
+
+def velocity_from_x0(x_t: Tensor, x0: Tensor, t: Tensor | float) -> Tensor:
+    """Inverse of `x0_from_velocity`: v = (x0 - x_t) / (1 - t). Undefined at t = 1."""
+    return (x0 - x_t) / (1 - _bcast(t, x_t))
+
+
+def velocity_from_eps(x_t: Tensor, eps: Tensor, t: Tensor | float) -> Tensor:
+    """Inverse of `eps_from_velocity`: v = (x_t - eps) / t. Undefined at t = 0."""
+    return (x_t - eps) / _bcast(t, x_t)
+
+
+def to_diffusers_sigma(t: Tensor | float) -> Tensor | float:
+    """diffusers' flow-matching sigma (1 = noise) for our time t."""
+    return 1 - t
+
+
+def from_diffusers_velocity(v_diffusers: Tensor) -> Tensor:
+    """diffusers' SD3 transformer predicts eps - x; our velocity is x - eps."""
+    return -v_diffusers
+
+
+def from_diffusion_time(s: float) -> float:
+    """A time in diffusion convention (s = 1 noise, as in CADS) to ours."""
+    return 1.0 - s
+
+
+def shift_time(t: Tensor, shift: float) -> Tensor:
+    """SD3's resolution shift, applied to sigma = 1 - t: sigma' = shift sigma / (1 + (shift - 1) sigma).
+
+    shift > 1 spends more of the schedule near the noise end. shift = 1 is the identity.
+    """
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    sigma = 1 - t
+    return 1 - shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def time_grid(steps: int, shift: float = 1.0, device: torch.device | str | None = None) -> Tensor:
+    """The `steps + 1` times of an Euler integration from t = 0 (noise) to t = 1 (data)."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    t = torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=torch.float64)
+    if shift != 1.0:
+        t = shift_time(t, shift)
+    return t.float()
+
+
+def sample_timesteps(
+    n: int,
+    kind: str = "uniform",
+    *,
+    mean: float = 0.0,
+    std: float = 1.0,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Training times t in (0, 1): `uniform`, or `logit_normal` (SD3: t = sigmoid(N(mean, std)))."""
+    if kind == "uniform":
+        return torch.rand(n, generator=generator, device=device)
+    if kind == "logit_normal":
+        return torch.sigmoid(mean + std * torch.randn(n, generator=generator, device=device))
+    raise ValueError(f"unknown timestep sampling {kind!r}: use 'uniform' or 'logit_normal'")
+
+
+def logit_normal_density(t: Tensor, mean: float = 0.0, std: float = 1.0) -> Tensor:
+    """Density of the logit-normal distribution on (0, 1), for tests and plots."""
+    logit = torch.log(t) - torch.log1p(-t)
+    return torch.exp(-((logit - mean) ** 2) / (2 * std**2)) / (std * math.sqrt(2 * math.pi) * t * (1 - t))

@@ -1,0 +1,130 @@
+"""The attention seam against hand-written references (tests the math, not the code against itself)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from erg.attention import AttentionPlan, Rule, Site, Temperature, attention
+
+
+def manual_attention(q, k, v, tau: float = 1.0):
+    """softmax(tau * q k^T / sqrt(d)) v written out."""
+    logits = tau * (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    return torch.softmax(logits, dim=-1) @ v
+
+
+def algorithm_1(q, k, v, tau, alpha, gamma, steps):
+    """The paper's Algorithm 1 as a plain loop: Q <- Q - gamma (Q - alpha softmax(tau beta Q K^T) V)."""
+    Q = q.clone()
+    for _ in range(steps):
+        Q = Q - gamma * (Q - alpha * manual_attention(Q, k, v, tau))
+    return Q
+
+
+@pytest.fixture
+def qkv():
+    g = torch.Generator().manual_seed(0)
+    shape = (4, 2, 9, 8)  # (batch, heads, tokens, head_dim), a 3x3 token grid
+    return tuple(torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(3))
+
+
+def test_empty_plan_is_plain_sdpa(qkv):
+    q, k, v = qkv
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    site = Site(layer=0)
+    assert torch.equal(attention(q, k, v, site), plain)
+    assert torch.equal(attention(q, k, v, site, AttentionPlan()), plain)
+    empty_layers = AttentionPlan.single(Temperature(0.1), layers=[])
+    assert not empty_layers
+    assert torch.equal(attention(q, k, v, site, empty_layers), plain)
+
+
+def test_temperature_on_logits_matches_manual_softmax(qkv):
+    q, k, v = qkv
+    plan = AttentionPlan.single(Temperature(tau=0.1), layers=[0])
+    out = attention(q, k, v, Site(layer=0), plan)
+    torch.testing.assert_close(out, manual_attention(q, k, v, tau=0.1))
+
+
+@pytest.mark.parametrize(("alpha", "gamma", "steps"), [(1.0, 1.5, 1), (0.7, 0.5, 1), (1.0, 0.1, 10), (1.3, 1.0, 3)])
+def test_energy_steps_match_algorithm_1(qkv, alpha, gamma, steps):
+    q, k, v = qkv
+    rect = Temperature(tau=0.3, alpha=alpha, gamma=gamma, steps=steps)
+    assert rect.query_scale() is None  # not a pure logit scale: the general path runs
+    out = attention(q, k, v, Site(layer=2), AttentionPlan.single(rect, layers=[2]))
+    torch.testing.assert_close(out, algorithm_1(q, k, v, 0.3, alpha, gamma, steps))
+
+
+def test_one_step_gamma_one_alpha_one_is_the_logit_scale(qkv):
+    q, k, v = qkv
+    general = Temperature(tau=0.2, alpha=1.0, gamma=1.0, steps=1)
+    out_general = general(q, k, v, Site(layer=0))
+    torch.testing.assert_close(out_general, manual_attention(q, k, v, tau=0.2))
+
+
+def test_tau_one_is_bit_exact(qkv):
+    q, k, v = (x.float() for x in qkv)
+    plain = attention(q, k, v, Site(layer=1))
+    plan = AttentionPlan.single(Temperature(tau=1.0), layers=[0, 1, 2], rows=slice(2, 4))
+    assert torch.equal(attention(q, k, v, Site(layer=1), plan), plain)
+
+
+def test_rows_and_layers_outside_the_plan_are_untouched(qkv):
+    q, k, v = (x.float() for x in qkv)
+    plain = attention(q, k, v, Site(layer=3))
+    for rect in (Temperature(0.05), Temperature(0.05, gamma=1.5)):  # fast path and general path
+        plan = AttentionPlan.single(rect, layers=[3], rows=slice(2, 4))
+        out = attention(q, k, v, Site(layer=3), plan)
+        assert torch.equal(out[:2], plain[:2])
+        assert not torch.allclose(out[2:], plain[2:])
+        # another layer: the plan does not apply at all
+        assert torch.equal(attention(q, k, v, Site(layer=4), plan), attention(q, k, v, Site(layer=4)))
+
+
+def test_image_segment_only(qkv):
+    """In joint attention only image-token queries are rectified; text queries keep plain attention."""
+    q, k, v = qkv
+    site = Site(layer=0, image=slice(0, 6))
+    for rect in (Temperature(0.1), Temperature(0.1, gamma=1.5)):
+        out = attention(q, k, v, site, AttentionPlan.single(rect, layers=[0]))
+        plain = manual_attention(q, k, v)
+        torch.testing.assert_close(out[:, :, 6:], plain[:, :, 6:])
+        expected_img = algorithm_1(q[:, :, :6], k, v, 0.1, 1.0, rect.gamma, 1)
+        torch.testing.assert_close(out[:, :, :6], expected_img)
+
+
+def test_two_rules_in_one_layer_on_different_rows(qkv):
+    q, k, v = qkv
+    plan = AttentionPlan(
+        (
+            Rule(Temperature(0.1), frozenset([0]), slice(0, 2)),
+            Rule(Temperature(3.0), frozenset([0]), slice(2, 4)),
+        )
+    )
+    out = attention(q, k, v, Site(layer=0), plan)
+    torch.testing.assert_close(out[:2], manual_attention(q[:2], k[:2], v[:2], 0.1))
+    torch.testing.assert_close(out[2:], manual_attention(q[2:], k[2:], v[2:], 3.0))
+
+
+def test_bad_plans_are_errors():
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        Temperature(0.0)
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        Temperature(-1.0)
+    with pytest.raises(ValueError, match="integer >= 1"):
+        Temperature(0.1, steps=0)
+    with pytest.raises(ValueError, match="contiguous slice"):
+        Rule(Temperature(0.1), frozenset([0]), rows=slice(0, 4, 2))
+    plan = AttentionPlan.single(Temperature(0.1), layers=range(26, 30))
+    with pytest.raises(ValueError, match=r"layers \[28, 29\] but the model has 28"):
+        plan.validate(num_layers=28)
+    with pytest.raises(ValueError, match="outside a batch"):
+        AttentionPlan.single(Temperature(0.1), layers=[0], rows=slice(0, 9)).validate(4, batch_size=4)
+    overlap = AttentionPlan.single(Temperature(0.1), [0], slice(0, 3)) + AttentionPlan.single(
+        Temperature(2.0), [0], slice(2, 4)
+    )
+    with pytest.raises(ValueError, match="same batch rows"):
+        overlap.validate(4, batch_size=4)
