@@ -1,0 +1,91 @@
+"""Training callbacks: sample grids from the EMA weights during training."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
+
+from erg.sampling import euler, sample_noise
+from models.io import image_grid, save_image
+
+__all__ = ["SampleGrid"]
+
+
+class SampleGrid(L.Callback):
+    """Every `every_n_steps` optimizer steps (and at the end), sample a grid with the EMA model using
+    the plain Euler sampler, save it as `<out_dir>/step_XXXXXXX.png` and log it where the logger can
+    show images. Rows are classes (columns: `per_class` samples); the noises are the same at every
+    step (per-sample seeds), so grids are comparable along training.
+
+    `guidance_scale` > 1 applies classifier-free guidance (only for this monitoring view).
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        every_n_steps: int = 500,
+        steps: int = 50,
+        per_class: int = 8,
+        max_classes: int = 10,
+        guidance_scale: float = 1.0,
+        seed: int = 0,
+    ):
+        self.out_dir = Path(out_dir)
+        self.every_n_steps = every_n_steps
+        self.steps = steps
+        self.per_class = per_class
+        self.max_classes = max_classes
+        self.guidance_scale = guidance_scale
+        self.seed = seed
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0 and step != self._last_step:
+            self.sample_and_log(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.global_step != self._last_step and not trainer.sanity_checking:
+            self.sample_and_log(trainer, pl_module)
+
+    @torch.no_grad()
+    def sample(self, pl_module: L.LightningModule, decode: Any = None) -> torch.Tensor:
+        model = pl_module.ema
+        num_classes = getattr(model, "num_classes", 0)
+        rows = min(num_classes, self.max_classes) if num_classes else 1
+        n = rows * self.per_class
+        shape = (model.in_channels, model.input_size, model.input_size)
+        noise = sample_noise(range(n), shape, base_seed=self.seed, device=pl_module.device)
+        if num_classes:
+            y = torch.arange(rows, device=pl_module.device).repeat_interleave(self.per_class)
+            null = torch.full_like(y, model.null_class)
+        w = self.guidance_scale
+
+        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            if not num_classes:
+                return model(x, t)
+            if w == 1.0:
+                return model(x, t, y)
+            v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
+            return v_uncond + w * (v_cond - v_uncond)
+
+        x = euler(velocity, noise, steps=self.steps)
+        return decode(x) if decode is not None else x
+
+    @rank_zero_only
+    def sample_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Sample on rank 0 only (no collective ops are involved) and save / log the grid."""
+        self._last_step = trainer.global_step
+        images = self.sample(pl_module, decode=getattr(trainer.datamodule, "decode", None))
+        grid = image_grid(images, nrow=self.per_class, min_size=64)
+        path = save_image(self.out_dir / f"step_{trainer.global_step:07d}.png", grid)
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.log_image(key="samples", images=[str(path)], step=trainer.global_step)
+            elif isinstance(logger, TensorBoardLogger):
+                logger.experiment.add_image("samples", grid.permute(2, 0, 1), trainer.global_step)

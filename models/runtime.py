@@ -1,0 +1,259 @@
+"""What the entry points share: config checks with helpful errors, run directories and resuming,
+loggers, and the assembly of a training run from a Hydra config (`train.py` stays thin).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from models.io import atomic_write_text
+
+__all__ = [
+    "ConfigError",
+    "build_dataclass",
+    "check_kwargs",
+    "check_missing",
+    "find_resume_checkpoint",
+    "flat_diff",
+    "register_resolvers",
+    "wandb_logger",
+]
+
+
+class ConfigError(ValueError):
+    """A user-fixable problem with the configuration; the message says how to fix it."""
+
+
+# --- config checks ---------------------------------------------------------------------------------
+def register_resolvers() -> None:
+    """OmegaConf resolvers used by the configs (idempotent)."""
+    if not OmegaConf.has_resolver("class_count"):
+        from data.imagefolder import count_class_folders
+
+        OmegaConf.register_new_resolver("class_count", count_class_folders)
+
+
+def check_missing(cfg: DictConfig) -> None:
+    """Fail early, naming every required value (`???`) left unset."""
+    missing = sorted(_missing_keys(cfg))
+    if missing:
+        example = " ".join(f"{k}=..." for k in missing)
+        raise ConfigError(
+            f"missing required config value(s): {', '.join(missing)}. Set them on the command line, "
+            f"e.g. `python train.py {example}`"
+        )
+
+
+def _missing_keys(node: Any, prefix: str = "") -> list[str]:
+    """Dotted keys holding `???`, found without resolving interpolations (which may need them)."""
+    from omegaconf import ListConfig
+
+    out = []
+    if isinstance(node, DictConfig):
+        items = [(str(k), k) for k in node]
+    elif isinstance(node, ListConfig):
+        items = [(str(i), i) for i in range(len(node))]
+    else:
+        return out
+    for name, key in items:
+        full = f"{prefix}{name}"
+        if OmegaConf.is_missing(node, key):
+            out.append(full)
+        elif not OmegaConf.is_interpolation(node, key):
+            out += _missing_keys(node._get_node(key), full + ".")
+    return out
+
+
+def _allowed_keys(target: Callable[..., Any]) -> set[str] | None:
+    """Keyword arguments `target` accepts (None: anything). Follows `forwards_to` for factories."""
+    allowed: set[str] = set()
+    while target is not None:
+        sig = inspect.signature(target)
+        var_kw = False
+        for name, p in sig.parameters.items():
+            if p.kind is inspect.Parameter.VAR_KEYWORD:
+                var_kw = True
+            elif p.kind is not inspect.Parameter.VAR_POSITIONAL and name != "self":
+                allowed.add(name)
+        if not var_kw:
+            return allowed
+        target = getattr(target, "forwards_to", None)
+    return None
+
+
+def _unknown_key_error(unknown: list[str], allowed: set[str], path: str) -> ConfigError:
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, sorted(allowed), n=1)
+        hints.append(f"{path}.{key}" + (f" (did you mean {path}.{close[0]}?)" if close else ""))
+    return ConfigError(f"unknown config key(s): {', '.join(hints)}. Valid keys of {path}: {', '.join(sorted(allowed))}")
+
+
+def check_kwargs(node: DictConfig | dict, target: Callable[..., Any], path: str, ignore: tuple[str, ...] = ()) -> None:
+    """Raise a ConfigError naming keys of `node` that `target` does not accept."""
+    allowed = _allowed_keys(target)
+    if allowed is None:
+        return
+    keys = [k for k in node if not str(k).startswith("_") and k not in ignore]
+    unknown = [k for k in keys if k not in allowed]
+    if unknown:
+        raise _unknown_key_error(unknown, allowed, path)
+
+
+def build_dataclass(cls: type, node: DictConfig | dict | None, path: str) -> Any:
+    """Instantiate a config dataclass, turning unknown keys and bad values into ConfigErrors."""
+    assert is_dataclass(cls)
+    values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
+    allowed = {f.name for f in fields(cls)}
+    unknown = [k for k in values if k not in allowed]
+    if unknown:
+        raise _unknown_key_error(unknown, allowed, path)
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(str(err)) from err
+
+
+def target_of(node: DictConfig) -> Callable[..., Any]:
+    """The callable named by a config node's `_target_`, with a clear error if it does not exist."""
+    from hydra.utils import get_object
+
+    name = node.get("_target_")
+    if not name:
+        raise ConfigError(f"config node has no _target_: {OmegaConf.to_yaml(node)}")
+    try:
+        return get_object(name)
+    except Exception as err:
+        raise ConfigError(f"cannot import _target_ {name!r}: {err}") from err
+
+
+def flat_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    out = []
+    for key in sorted(set(old) | set(new), key=str):
+        a, b = old.get(key, "<absent>"), new.get(key, "<absent>")
+        name = f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += flat_diff(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: {a!r} -> {b!r}")
+    return out
+
+
+# --- run directories -------------------------------------------------------------------------------
+def find_resume_checkpoint(run_dir: Path, resume: str | bool | None) -> Path | None:
+    """The checkpoint to resume from: `auto` takes the run's last.ckpt if any; `never` refuses to
+    overwrite an existing run; a path resumes from that file."""
+    last = run_dir / "checkpoints" / "last.ckpt"
+    mode = str(resume).lower() if resume is not None else "never"
+    if mode == "auto":
+        return last if last.is_file() else None
+    if mode in ("never", "false", "none"):
+        if last.is_file():
+            raise ConfigError(
+                f"{run_dir} already holds a run (checkpoints/last.ckpt). Use resume=auto to continue it, "
+                "or name=<new name> to start a new run next to it"
+            )
+        return None
+    path = Path(str(resume)).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"resume={resume}: no such checkpoint file")
+    return path
+
+
+def save_resolved_config(container: dict[str, Any], run_dir: Path, step: int | None) -> Path:
+    """Write the resolved config next to the run (config.yaml; a resumed run with changed settings
+    also writes config.resume-<step>.yaml so nothing earlier is overwritten)."""
+    text = OmegaConf.to_yaml(OmegaConf.create(container))
+    first = run_dir / "config.yaml"
+    if not first.exists():
+        return atomic_write_text(first, text)
+    old = OmegaConf.to_container(OmegaConf.load(first))
+    if old == container:
+        return first
+    return atomic_write_text(run_dir / f"config.resume-{step or 0}.yaml", text)
+
+
+# --- loggers ---------------------------------------------------------------------------------------
+def csv_logger(save_dir: str, name: str = "logs", version: str = "") -> Any:
+    """Lightning's CSVLogger, but a resumed run appends to its metrics.csv instead of deleting it
+    (Lightning's writer removes an existing metrics.csv when a new logger starts in the folder)."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class _AppendingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:
+            if self._fs.isfile(self.metrics_file_path):
+                with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                    self.metrics_keys = next(csv.reader(f), [])
+
+    class _AppendingCSVLogger(CSVLogger):
+        @property
+        def experiment(self) -> ExperimentWriter:
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = _AppendingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return _AppendingCSVLogger(save_dir=save_dir, name=name, version=version)
+
+
+def _wandb_account_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path.home() / ".netrc"
+    return netrc.is_file() and "api.wandb.ai" in netrc.read_text(errors="ignore")
+
+
+def wandb_logger(
+    project: str,
+    save_dir: str,
+    name: str | None = None,
+    mode: str = "auto",
+    entity: str | None = None,
+    tags: list[str] | None = None,
+) -> Any:
+    """Lightning's WandbLogger, offline unless an account is configured (WANDB_API_KEY or
+    `wandb login`) or WANDB_MODE says otherwise. The run id is kept in `<save_dir>/wandb_id.txt`,
+    so a resumed or requeued job continues the same wandb run."""
+    try:
+        import wandb  # noqa: F401
+    except ImportError as err:
+        raise ConfigError(
+            "logger=wandb needs the wandb package (pip install wandb); logger=csv or logger=tensorboard work without it"
+        ) from err
+    from lightning.pytorch.loggers import WandbLogger
+
+    if mode == "auto":
+        mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_account_configured() else "offline")
+    if mode not in ("online", "offline", "disabled"):
+        raise ConfigError(f"logger.mode must be auto, online, offline or disabled, got {mode!r}")
+    id_file = Path(save_dir) / "wandb_id.txt"
+    if id_file.is_file():
+        run_id = id_file.read_text().strip()
+    else:
+        run_id = re.sub(r"[^A-Za-z0-9]", "-", name or "run")[:40] + "-" + uuid.uuid4().hex[:8]
+        atomic_write_text(id_file, run_id)
+    return WandbLogger(
+        project=project,
+        name=name,
+        save_dir=save_dir,
+        id=run_id,
+        resume="allow",
+        offline=mode == "offline",
+        mode=mode,
+        entity=entity,
+        tags=tags,
+    )

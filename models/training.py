@@ -1,0 +1,157 @@
+"""Assemble and run a training job from the composed Hydra config (the body of `train.py`)."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from models.runtime import (
+    ConfigError,
+    build_dataclass,
+    check_kwargs,
+    check_missing,
+    find_resume_checkpoint,
+    flat_diff,
+    register_resolvers,
+    save_resolved_config,
+    target_of,
+)
+
+log = logging.getLogger("erg.train")
+
+# Top-level keys of configs/train.yaml (anything else at the top level is a typo).
+TOP_LEVEL_KEYS = {
+    "data", "model", "trainer", "logger", "experiment", "debug", "name", "seed", "run_dir", "resume",
+    "compile", "nan_check_every", "progress_refresh_rate", "flow", "optim", "ema", "checkpoint",
+    "samples", "hydra", "task",
+}  # fmt: skip
+
+
+def validate(cfg: DictConfig) -> dict[str, Any]:
+    """Check the whole config before anything heavy runs; return it resolved as plain containers."""
+    import lightning as L
+
+    from models.callbacks import SampleGrid
+    from models.rectified_flow import EMAConfig, FlowConfig, OptimConfig
+
+    register_resolvers()
+    check_missing(cfg)
+    unknown = [k for k in cfg if k not in TOP_LEVEL_KEYS]
+    if unknown:
+        raise ConfigError(f"unknown top-level config key(s): {unknown}; valid: {sorted(TOP_LEVEL_KEYS)}")
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as err:  # interpolation / resolver errors carry the useful message
+        raise ConfigError(f"could not resolve the config: {err}") from err
+    check_kwargs(cfg.data, target_of(cfg.data), "data")
+    check_kwargs(cfg.model, target_of(cfg.model), "model")
+    check_kwargs(cfg.trainer, L.Trainer.__init__, "trainer", ignore=("logger", "callbacks"))
+    if cfg.get("logger"):
+        check_kwargs(cfg.logger, target_of(cfg.logger), "logger")
+    for key, cls in (("flow", FlowConfig), ("optim", OptimConfig), ("ema", EMAConfig)):
+        build_dataclass(cls, cfg.get(key), key)
+    check_kwargs(cfg.samples, SampleGrid.__init__, "samples", ignore=("out_dir",))
+    check_kwargs(cfg.checkpoint, _checkpoint_callback, "checkpoint", ignore=("dirpath",))
+    container.pop("hydra", None)
+    return container
+
+
+def _checkpoint_callback(dirpath: Path, every_n_steps: int = 1000, save_last: bool = True) -> Any:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    return ModelCheckpoint(
+        dirpath=dirpath,
+        filename="step_{step:07d}",
+        auto_insert_metric_name=False,
+        every_n_train_steps=every_n_steps,
+        save_top_k=-1,
+        save_last=save_last,
+        save_on_train_epoch_end=False,
+    )
+
+
+def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
+    from lightning.pytorch.callbacks import LearningRateMonitor, TQDMProgressBar
+
+    from models.callbacks import SampleGrid
+
+    callbacks: list[Any] = []
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_refresh_rate))
+    if not cfg.trainer.get("fast_dev_run"):  # a smoke run writes nothing
+        callbacks.append(_checkpoint_callback(run_dir / "checkpoints", **cfg.checkpoint))
+        callbacks.append(SampleGrid(out_dir=run_dir / "samples", **cfg.samples))
+    if cfg.get("logger"):
+        callbacks.append(LearningRateMonitor(logging_interval="step"))
+    return callbacks
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Train; returns a summary (run dir, last checkpoint, final step)."""
+    container = validate(cfg)
+
+    import lightning as L
+    import torch
+    from hydra.utils import instantiate
+
+    # The EMA copy is deliberately in eval mode; Lightning's generic warning about it is noise.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+    logging.getLogger("lightning.pytorch").propagate = False  # Lightning prints its own lines once
+
+    from models.rectified_flow import EMAConfig, FlowConfig, OptimConfig, RectifiedFlowModule
+
+    run_dir = Path(cfg.run_dir).resolve()
+    ckpt_path = find_resume_checkpoint(run_dir, cfg.resume)
+    resume_step = None
+    if ckpt_path is not None:
+        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        resume_step = saved.get("global_step")
+        changed = flat_diff(saved.get("config") or {}, container)
+        log.info("resuming %s from %s (step %s)", run_dir, ckpt_path, resume_step)
+        if changed:
+            log.warning("config differs from the checkpoint's:\n  %s", "\n  ".join(changed))
+        del saved
+    save_resolved_config(container, run_dir, resume_step)
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    datamodule = instantiate(cfg.data)
+    model = instantiate(cfg.model)
+    module = RectifiedFlowModule(
+        model,
+        flow=build_dataclass(FlowConfig, cfg.flow, "flow"),
+        optim=build_dataclass(OptimConfig, cfg.optim, "optim"),
+        ema=build_dataclass(EMAConfig, cfg.ema, "ema"),
+        seed=cfg.seed,
+        compile=cfg.compile,
+        nan_check_every=cfg.nan_check_every,
+        config=container,
+    )
+    loggers = [instantiate(cfg.logger)] if cfg.get("logger") else False
+    trainer = L.Trainer(
+        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        logger=loggers,
+        callbacks=build_callbacks(cfg, run_dir),
+        default_root_dir=str(run_dir),
+    )
+    n_params = sum(p.numel() for p in model.parameters())
+    log.info("model: %s, %.2fM parameters; run dir: %s", type(model).__name__, n_params / 1e6, run_dir)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    summary = {
+        "run_dir": str(run_dir),
+        "step": trainer.global_step,
+        "last_checkpoint": str(last) if last.is_file() else None,
+        "samples": str(run_dir / "samples"),
+        "train_loss": _metric(trainer, "train/loss"),
+        "val_loss": _metric(trainer, "val/loss"),
+    }
+    return summary
+
+
+def _metric(trainer: Any, name: str) -> float | None:
+    value = trainer.callback_metrics.get(name)
+    return float(value) if value is not None else None
