@@ -95,8 +95,10 @@ class TextCondition:
         )
 
     def to(self, *args: Any, **kwargs: Any) -> TextCondition:
+        """Like Tensor.to for context and pooled; the bool mask only changes device."""
+        context = self.context.to(*args, **kwargs)
         pooled = None if self.pooled is None else self.pooled.to(*args, **kwargs)
-        return TextCondition(self.context.to(*args, **kwargs), pooled, self.mask.to(self.context.device))
+        return TextCondition(context, pooled, self.mask.to(context.device))
 
 
 # --- loading -----------------------------------------------------------------------------------------

@@ -256,6 +256,8 @@ def test_conditions_batch_and_feed_the_mmdit(pair):
     c = cond(PROMPTS)
     both = TextCondition.cat([c, cond.unconditional(3)])
     assert len(both) == 6 and torch.equal(both.rows(slice(0, 3)).context, c.context)
+    wide = both.to(torch.float64)
+    assert wide.context.dtype == wide.pooled.dtype == torch.float64 and wide.mask.dtype == torch.bool
     model = build_mmdit(depth=2, hidden_size=32, num_heads=2, patch_size=2, input_size=8, in_channels=4,
                         context_dim=cond.context_dim, pooled_dim=cond.pooled_dim)  # fmt: skip
     v = model(torch.randn(6, 4, 8, 8), torch.rand(6), both.context, both.pooled)
