@@ -342,7 +342,7 @@ class _Preset:
 #   which is the "middle blocks" rule of appendix B.4. A 12-block (DiT-B depth) model has no block 17.
 # - MMDiT-38x1536, section 4's text-to-image model: 38 blocks, hidden 1536 (24 heads of 64). The paper
 #   says "approx 1.9B parameters"; SD3's block (both streams with their own adaLN, qkv, proj, 4x MLP)
-#   at this size has 3.23B (tests/test_mmdit.py counts it). The adaLN and attention projections of
+#   at this size has 3.2B (tests/test_mmdit.py counts it). The adaLN and attention projections of
 #   the two streams alone are 1.79B, so the paper's block must be lighter in ways it does not describe.
 _NAMED = {
     "MMDiT-B/2": _Preset(depth=28, hidden_size=768, num_heads=12),

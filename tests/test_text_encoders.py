@@ -310,3 +310,15 @@ def test_the_papers_stack_from_local_folders(tiny_folders, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     quick = instantiate(compose(overrides=["+text_encoder=minilm"]).text_encoder)
     assert (quick.context_dim, quick.pooled_dim, quick.context_tokens) == (384, 384, 32)
+
+
+@pytest.mark.gpu
+def test_encoders_run_in_bf16_on_the_gpu(tiny_folders):
+    """dtype=auto on a GPU: bf16 weights and outputs, close to the float32 CPU encoding."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    gpu, cpu = load(tiny_folders, "t5", device="cuda"), load(tiny_folders, "t5")
+    assert gpu.dtype == torch.bfloat16 and cpu.dtype == torch.float32
+    out = gpu(PROMPTS)
+    assert out.tokens.dtype == torch.bfloat16
+    torch.testing.assert_close(out.tokens.float().cpu(), cpu(PROMPTS).tokens, atol=0.1, rtol=0.05)
