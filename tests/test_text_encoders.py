@@ -68,7 +68,8 @@ def tiny_folders(tmp_path_factory):
 
 def load(tiny_folders, family: str, **kwargs):
     kwargs.setdefault("max_length", 16)
-    return FAMILIES[family][0].load(str(tiny_folders[family]), device="cpu", **kwargs)
+    kwargs.setdefault("device", "cpu")
+    return FAMILIES[family][0].load(str(tiny_folders[family]), **kwargs)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
