@@ -1,6 +1,8 @@
 """The attention seam: every attention layer of our models calls `attention(q, k, v, site, plan)`.
 
-A layer describes itself with a `Site` (its index, which tokens are image tokens, their 2D grid).
+A layer describes itself with a `Site` (its index, which tokens are image tokens, their 2D grid, and
+in joint text-image attention which are text tokens). A rectifier acts on the queries of one segment
+(`Rectifier.segment`: 'image' by default, or 'text'); the other queries keep plain attention.
 An `AttentionPlan` says which *rectifier* replaces plain attention in which layers and for which
 rows of the batch. Guidance builds a plan per step and passes it explicitly through the model's
 `forward(..., plan=...)`: nothing is monkeypatched and nothing stays installed after a call.
