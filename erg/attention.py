@@ -1,6 +1,8 @@
 """The attention seam: every attention layer of our models calls `attention(q, k, v, site, plan)`.
 
-A layer describes itself with a `Site` (its index, which tokens are image tokens, their 2D grid).
+A layer describes itself with a `Site` (its index, which tokens are image tokens, their 2D grid, and
+in joint text-image attention which are text tokens). A rectifier acts on the queries of one segment
+(`Rectifier.segment`: 'image' by default, or 'text'); the other queries keep plain attention.
 An `AttentionPlan` says which *rectifier* replaces plain attention in which layers and for which
 rows of the batch. Guidance builds a plan per step and passes it explicitly through the model's
 `forward(..., plan=...)`: nothing is monkeypatched and nothing stays installed after a call.
@@ -36,18 +38,39 @@ class Site:
     image: the token range holding image tokens (all tokens for DiT; the image segment of MMDiT's
         joint attention). Image-level rectifiers act on these queries only.
     grid: (height, width) of the image tokens, for rectifiers that need their 2D layout (SEG).
+    text: the token range holding text tokens in joint attention (None: the layer has none).
     """
 
     layer: int
     image: slice = field(default_factory=lambda: slice(None))
     grid: tuple[int, int] | None = None
+    text: slice | None = None
+
+    def segment(self, name: str) -> slice:
+        """The token range of segment `name` ('image' or 'text'); a segment the layer lacks is an error."""
+        if name == "image":
+            return self.image
+        if name == "text":
+            if self.text is None:
+                raise ValueError(
+                    f"attention layer {self.layer} has no text tokens; a text-segment rectifier needs joint "
+                    "text-image attention (MMDiT)"
+                )
+            return self.text
+        raise ValueError(f"unknown token segment {name!r}; choose 'image' or 'text'")
 
 
 class Rectifier(ABC):
-    """Replaces plain attention for the batch rows and layers a `Rule` gives it."""
+    """Replaces plain attention for the batch rows and layers a `Rule` gives it.
+
+    `segment` names the queries it rectifies: 'image' (the default, every image-level method of the
+    paper) or 'text' (the text tokens of joint attention); the other queries keep plain attention.
+    """
+
+    segment: str = "image"
 
     def query_scale(self) -> float | None:
-        """If this rectifier is exactly "image-token logits times a factor", that factor.
+        """If this rectifier is exactly "its segment's logits times a factor", that factor.
 
         The seam then folds it into a per-row scale of the queries and runs ONE fused SDPA call
         for the whole batch (rectified and plain rows together), so ERG costs what CFG costs.
@@ -75,8 +98,11 @@ class Temperature(Rectifier):
     alpha: float = 1.0
     gamma: float = 1.0
     steps: int = 1
+    segment: str = "image"
 
     def __post_init__(self) -> None:
+        if self.segment not in ("image", "text"):
+            raise ValueError(f"segment must be 'image' or 'text', got {self.segment!r}")
         if not self.tau > 0:
             raise ValueError(f"temperature tau must be > 0, got {self.tau}")
         if not self.gamma > 0:
@@ -92,13 +118,14 @@ class Temperature(Rectifier):
         return float(self.tau) if self.is_logit_scale else None
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, site: Site) -> Tensor:
-        out = F.scaled_dot_product_attention(q, k, v)  # non-image queries keep plain attention
-        q_img = q[:, :, site.image]
+        out = F.scaled_dot_product_attention(q, k, v)  # queries outside the segment keep plain attention
+        tokens = site.segment(self.segment)
+        q_seg = q[:, :, tokens]
         scale = self.tau / math.sqrt(q.shape[-1])  # tau * beta
         for _ in range(self.steps):
-            attended = F.scaled_dot_product_attention(q_img, k, v, scale=scale)
-            q_img = q_img - self.gamma * (q_img - self.alpha * attended)
-        out[:, :, site.image] = q_img
+            attended = F.scaled_dot_product_attention(q_seg, k, v, scale=scale)
+            q_seg = q_seg - self.gamma * (q_seg - self.alpha * attended)
+        out[:, :, tokens] = q_seg
         return out
 
 
@@ -178,14 +205,17 @@ def attention(q: Tensor, k: Tensor, v: Tensor, site: Site, plan: AttentionPlan |
         return F.scaled_dot_product_attention(q, k, v)
 
     if all(rule.rectifier.query_scale() is not None for rule in rules):
-        # Fast path: every rectifier here is a logit temperature. Scale the image queries row by
-        # row (rows outside the rules are multiplied by exactly 1.0, which is bit-exact) and run
-        # one fused SDPA call: softmax((tau q) k^T / sqrt(d)) == softmax(tau q k^T / sqrt(d)).
-        scale = torch.ones(q.shape[0], device=q.device, dtype=torch.float32)
-        for rule in rules:
-            scale[rule.rows] = rule.rectifier.query_scale()
+        # Fast path: every rectifier here is a logit temperature. Scale each rectified segment's
+        # queries row by row (rows outside the rules are multiplied by exactly 1.0, which is
+        # bit-exact) and run one fused SDPA call: softmax((tau q) k^T / sqrt(d)) == softmax(tau q k^T / sqrt(d)).
         q = q.clone()
-        q[:, :, site.image] = (q[:, :, site.image] * scale.view(-1, 1, 1, 1)).to(q.dtype)
+        for segment in sorted({rule.rectifier.segment for rule in rules}):
+            scale = torch.ones(q.shape[0], device=q.device, dtype=torch.float32)
+            for rule in rules:
+                if rule.rectifier.segment == segment:
+                    scale[rule.rows] = rule.rectifier.query_scale()
+            tokens = site.segment(segment)
+            q[:, :, tokens] = (q[:, :, tokens] * scale.view(-1, 1, 1, 1)).to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v)
 
     out = F.scaled_dot_product_attention(q, k, v)

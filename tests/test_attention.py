@@ -128,3 +128,42 @@ def test_bad_plans_are_errors():
     )
     with pytest.raises(ValueError, match="same batch rows"):
         overlap.validate(4, batch_size=4)
+
+
+def test_text_segment_rectifies_text_queries_only(qkv):
+    """Joint attention [image ; text]: a text-segment rectifier leaves the image queries' outputs as
+    plain attention, and an image one the text outputs; both paths (fused, Algorithm 1)."""
+    q, k, v = qkv
+    site = Site(layer=0, image=slice(0, 6), text=slice(6, 9), grid=(2, 3))
+    plain = manual_attention(q, k, v)
+    for gamma in (1.0, 1.5):
+        out = attention(q, k, v, site, AttentionPlan.single(Temperature(0.1, gamma=gamma, segment="text"), [0]))
+        torch.testing.assert_close(out[:, :, :6], plain[:, :, :6])
+        torch.testing.assert_close(out[:, :, 6:], algorithm_1(q[:, :, 6:], k, v, 0.1, 1.0, gamma, 1))
+
+
+def test_image_and_text_rules_on_different_rows_in_one_fused_call(qkv):
+    q, k, v = qkv
+    site = Site(layer=0, image=slice(0, 6), text=slice(6, 9))
+    plan = AttentionPlan.single(Temperature(0.1), [0], rows=slice(0, 2)) + AttentionPlan.single(
+        Temperature(0.2, segment="text"), [0], rows=slice(2, 4)
+    )
+    out = attention(q, k, v, site, plan)
+    plain = manual_attention(q, k, v)
+    torch.testing.assert_close(out[:2, :, :6], manual_attention(q[:2, :, :6], k[:2], v[:2], 0.1))
+    torch.testing.assert_close(out[:2, :, 6:], plain[:2, :, 6:])
+    torch.testing.assert_close(out[2:, :, :6], plain[2:, :, :6])
+    torch.testing.assert_close(out[2:, :, 6:], manual_attention(q[2:, :, 6:], k[2:], v[2:], 0.2))
+
+
+def test_a_missing_or_unknown_segment_is_an_error(qkv):
+    q, k, v = qkv
+    text_plan = AttentionPlan.single(Temperature(0.1, segment="text"), [0])
+    for rect in (Temperature(0.1, segment="text"), Temperature(0.1, gamma=1.5, segment="text")):
+        with pytest.raises(ValueError, match="has no text tokens"):
+            attention(q, k, v, Site(layer=0), AttentionPlan.single(rect, [0]))  # DiT: image tokens only
+    assert text_plan  # the plan itself is fine; the layer lacks the segment
+    with pytest.raises(ValueError, match="segment must be 'image' or 'text'"):
+        Temperature(0.1, segment="audio")
+    with pytest.raises(ValueError, match="unknown token segment"):
+        Site(layer=0).segment("audio")

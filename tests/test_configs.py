@@ -38,7 +38,8 @@ def test_every_option_composes_and_validates(group, option, tmp_path):
     container = validate(cfg)
     assert container["model"]["input_size"] == container["data"]["input_size"]
     assert container["model"]["in_channels"] == container["data"]["channels"]
-    assert container["model"]["num_classes"] == container["data"]["num_classes"]
+    if "num_classes" in container["model"]:  # class-conditional families (MMDiT takes text instead)
+        assert container["model"]["num_classes"] == container["data"]["num_classes"]
 
 
 def test_model_size_and_channels_come_from_the_data(tmp_path):
