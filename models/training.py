@@ -132,9 +132,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     loggers = [instantiate(cfg.logger)] if cfg.get("logger") else False
     trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        # nested `_target_` nodes (e.g. trainer.strategy for FSDP) become objects
+        **instantiate(OmegaConf.to_container(cfg.trainer, resolve=True), _convert_="all"),
         logger=loggers,
-        callbacks=build_callbacks(cfg, run_dir),
+        callbacks=build_callbacks(cfg, run_dir) + datamodule.callbacks(),
         default_root_dir=str(run_dir),
     )
     n_params = sum(p.numel() for p in model.parameters())
