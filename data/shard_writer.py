@@ -45,10 +45,14 @@ def write_shard(path: str | Path, samples: Iterable[dict[str, Any]]) -> int:
     try:
         with os.fdopen(fd, "wb") as f:
             writer = wds.TarWriter(f, user="", group="", mode=0o444, mtime=0, encoder=False, compress=False)
-            for sample in samples:
-                writer.write({k: v.encode() if isinstance(v, str) and k != "__key__" else v for k, v in sample.items()})
-                count += 1
-            writer.close()
+            try:
+                for sample in samples:
+                    writer.write(
+                        {k: v.encode() if isinstance(v, str) and k != "__key__" else v for k, v in sample.items()}
+                    )
+                    count += 1
+            finally:
+                writer.close()  # also on errors: the temporary file is then removed below
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
