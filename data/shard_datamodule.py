@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -178,6 +179,7 @@ class ShardDataModule(FlowDataModule):
 
     def val_dataloader(self) -> DataLoader | list:
         if not self.val_urls:
+            warnings.filterwarnings("ignore", message="Total length of `list` across ranks is zero")
             return []  # no validation shards: Lightning skips validation
         return self._loader(self.eval_stream())
 

@@ -39,6 +39,7 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from erg.sampling import sample_seed
+from models.runtime import ConfigError
 
 __all__ = [
     "DataConfigError",
@@ -53,7 +54,7 @@ __all__ = [
 log = logging.getLogger("erg.data")
 
 
-class DataConfigError(ValueError):
+class DataConfigError(ConfigError):
     """The data does not match the configuration (never skipped: the message says what to change)."""
 
 

@@ -155,3 +155,15 @@ def test_unreadable_input_shard_is_not_written(tmp_path, digit_shards):
                                       "--autoencoder", "identity", "--out", str(tmp_path / "px")])  # fmt: skip
     assert result["failed"] == [str(bad)] and result["shards"] == 4
     assert not (tmp_path / "px" / "train-000009.tar").exists()
+
+
+def test_autoencoder_configs_set_the_latent_space_of_data_and_model():
+    from models.training import validate
+    from tests.conftest import compose
+
+    base = ["data=latent_shards", "data.shards=/data/latents", "data.autoencoder.path=/models/vae"]
+    sd = validate(compose(overrides=base))
+    assert sd["data"]["autoencoder"]["channels"] == sd["data"]["channels"] == sd["model"]["in_channels"] == 4
+    sd3 = validate(compose(overrides=[*base, "autoencoder@data.autoencoder=sd3_vae"]))
+    assert sd3["data"]["channels"] == sd3["model"]["in_channels"] == 16
+    assert sd3["data"]["autoencoder"]["subfolder"] == "vae"

@@ -45,7 +45,7 @@ def _train(run_dir: Path, steps: int, data: list[str]) -> dict:
 def test_a_few_training_steps_from_shards(tmp_path, shards, kind):
     data = {
         "images": ["data=image_shards", f"data.shards={shards['digits']}", "data.image_size=16", "data.channels=1",
-                   "data.num_classes=10"],
+                   "data.num_classes=10", f"data.val_shards={shards['digits']}", "trainer.val_check_interval=3"],
         "latents": ["data=latent_shards", f"data.shards={shards['latents']}", f"data.autoencoder.path={shards['vae']}",
                     "data.image_size=16", "data.input_size=8", "data.num_classes=10"],
         "captions": ["data=text_image_shards", f"data.shards={shards['captions']}", "data.image_size=16",
@@ -58,6 +58,8 @@ def test_a_few_training_steps_from_shards(tmp_path, shards, kind):
     assert len([r for r in rows if r.get("train/loss")]) == 6
     skipped = [float(r["data/skipped_shards"]) for r in rows if r.get("data/skipped_shards")]
     assert skipped and set(skipped) == {0.0}
+    if kind == "images":  # held-out shards: the validation loss over all 96 samples, twice
+        assert len([r for r in rows if r.get("val/loss")]) == 2
     # the sample grid at the end went through the DataModule's decode (the VAE's decoder for latents)
     assert (run_dir / "samples" / "step_0000006.png").is_file()
 
@@ -84,3 +86,9 @@ def test_global_batch_size_is_split_over_gpus_and_accumulation(shards):
     dm.global_batch_size = 100
     with pytest.raises(DataConfigError, match="does not split over 8 GPU"):
         dm.per_rank_batch_size()
+
+
+def test_missing_shards_fail_early_and_plainly(tmp_path):
+    cfg = compose(overrides=small_run_overrides(tmp_path / "run", 1, ["data=image_shards", "data.shards=/no/such/dir"]))
+    with pytest.raises(FileNotFoundError, match=r"none of the 1 shard file\(s\) of '/no/such/dir'"):
+        run(cfg)  # not wrapped in Hydra's InstantiationException: train.py prints it as a plain error

@@ -38,6 +38,10 @@ def _members(path: Path) -> list[tarfile.TarInfo]:
         return tar.getmembers()
 
 
+def _shard_keys(url: str) -> set[str]:
+    return {m.name.split(".")[0] for m in _members(Path(url))}
+
+
 def _digest(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.tar"))}
 
@@ -118,6 +122,20 @@ def test_make_shards_refuses_to_mix_runs_and_names_bad_input(tmp_path):
 
 
 # --- reading: training streams --------------------------------------------------------------------
+def test_shard_urls_accept_braces_folders_globs_lists_and_pipes(digit_shards):
+    folder = Path(digit_shards["pattern"]).parent
+    urls = expand_urls(digit_shards["pattern"])
+    assert len(urls) == 4
+    assert expand_urls(str(folder)) == urls == expand_urls(str(folder / "train-*.tar"))
+    assert expand_urls([urls[0], f"{urls[1]}::{urls[2]}"]) == urls[:3]
+    piped = [f"pipe:cat {u}" for u in urls]  # e.g. pipe:aws s3 cp s3://bucket/train-000000.tar -
+    assert expand_urls(piped) == piped
+    keys = set(_keys(take(TrainStream(piped, _decoder(), 6, shuffle_buffer=0), 20)))
+    assert keys == {k for u in urls for k in _shard_keys(u)}  # 120 draws cover all 60 samples
+    with pytest.raises(DataConfigError, match="set data.shards"):
+        expand_urls("")
+
+
 def _keys(batches: list[dict]) -> list[str]:
     return [k for b in batches for k in b["key"]]
 
@@ -137,10 +155,6 @@ def test_train_stream_is_a_function_of_its_seed_and_start(digit_shards):
     assert _keys(take(stream, 3)) != _keys(take(stream, 3))
     # endless and resampled: 12 batches of 4 = 48 samples drawn from 60, with augmentation (flips)
     assert all(b["x"].shape == (4, 1, 16, 16) and b["y"].dtype == torch.long for b in a)
-
-
-def _shard_keys(url: str) -> set[str]:
-    return {m.name.split(".")[0] for m in _members(Path(url))}
 
 
 def test_ranks_read_disjoint_shards_and_epochs_are_exact(digit_shards):
