@@ -69,6 +69,10 @@ class FlowDataModule(L.LightningDataModule):
         """Model space -> images in [-1, 1] (identity for pixel data)."""
         return x
 
+    def callbacks(self) -> list[L.Callback]:
+        """Training callbacks this data needs (e.g. logging skipped shards); added by models/training.py."""
+        return []
+
     # --- loaders -----------------------------------------------------------------------------
     def _resume_batch(self) -> int:
         """Global batch index to start the training stream at (non-zero when resuming)."""

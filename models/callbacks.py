@@ -8,7 +8,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-from lightning.pytorch.utilities import rank_zero_only
 
 from erg.sampling import euler, sample_noise
 from models.io import image_grid, save_image
@@ -77,11 +76,17 @@ class SampleGrid(L.Callback):
         x = euler(velocity, noise, steps=self.steps)
         return decode(x) if decode is not None else x
 
-    @rank_zero_only
     def sample_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Sample on rank 0 only (no collective ops are involved) and save / log the grid."""
+        """Sample on rank 0 only (no collective ops are involved) and save / log the grid. Under FSDP
+        the weights are sharded, so every rank takes part in the forward passes and rank 0 saves."""
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if not trainer.is_global_zero and not isinstance(trainer.strategy, FSDPStrategy):
+            return
         self._last_step = trainer.global_step
         images = self.sample(pl_module, decode=getattr(trainer.datamodule, "decode", None))
+        if not trainer.is_global_zero:
+            return
         grid = image_grid(images, nrow=self.per_class, min_size=64)
         path = save_image(self.out_dir / f"step_{trainer.global_step:07d}.png", grid)
         for logger in trainer.loggers:

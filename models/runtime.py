@@ -151,18 +151,43 @@ def flat_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> lis
 
 
 # --- run directories -------------------------------------------------------------------------------
-def find_resume_checkpoint(run_dir: Path, resume: str | bool | None) -> Path | None:
-    """The checkpoint to resume from: `auto` takes the run's last.ckpt if any; `never` refuses to
-    overwrite an existing run; a path resumes from that file."""
+def _checkpoint_step(path: Path) -> int:
+    import torch
+
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1))
+    except Exception:  # unreadable: never preferred over a readable one
+        return -1
+
+
+def run_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoints a run can continue from: checkpoints/last.ckpt (ModelCheckpoint) and the
+    hpc_ckpt_<n>.ckpt files Lightning writes into the run dir when SLURM signals a requeue."""
     last = run_dir / "checkpoints" / "last.ckpt"
+    return ([last] if last.is_file() else []) + sorted(run_dir.glob("hpc_ckpt_*.ckpt"))
+
+
+def newest_checkpoint(run_dir: Path) -> Path | None:
+    """The run's checkpoint with the highest training step (ties: the latest written)."""
+    candidates = run_checkpoints(run_dir)
+    if not candidates:
+        return None
+    return max(candidates, key=lambda p: (_checkpoint_step(p), p.stat().st_mtime_ns))
+
+
+def find_resume_checkpoint(run_dir: Path, resume: str | bool | None) -> Path | None:
+    """The checkpoint to resume from: `auto` takes the run's newest checkpoint (last.ckpt or a SLURM
+    requeue checkpoint hpc_ckpt_<n>.ckpt, whichever holds the later step) if any; `never` refuses to
+    overwrite an existing run; a path resumes from that file."""
     mode = str(resume).lower() if resume is not None else "never"
     if mode == "auto":
-        return last if last.is_file() else None
+        return newest_checkpoint(run_dir)
     if mode in ("never", "false", "none"):
-        if last.is_file():
+        existing = run_checkpoints(run_dir)
+        if existing:
             raise ConfigError(
-                f"{run_dir} already holds a run (checkpoints/last.ckpt). Use resume=auto to continue it, "
-                "or name=<new name> to start a new run next to it"
+                f"{run_dir} already holds a run ({existing[0].relative_to(run_dir)}). Use resume=auto to continue "
+                "it, or name=<new name> to start a new run next to it"
             )
         return None
     path = Path(str(resume)).expanduser()

@@ -118,7 +118,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     save_resolved_config(container, run_dir, resume_step)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    datamodule = instantiate(cfg.data)
+    datamodule = _instantiate_data(cfg.data)
     model = instantiate(cfg.model)
     module = RectifiedFlowModule(
         model,
@@ -132,9 +132,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     )
     loggers = [instantiate(cfg.logger)] if cfg.get("logger") else False
     trainer = L.Trainer(
-        **OmegaConf.to_container(cfg.trainer, resolve=True),
+        # nested `_target_` nodes (e.g. trainer.strategy for FSDP) become objects
+        **instantiate(OmegaConf.to_container(cfg.trainer, resolve=True), _convert_="all"),
         logger=loggers,
-        callbacks=build_callbacks(cfg, run_dir),
+        callbacks=build_callbacks(cfg, run_dir) + datamodule.callbacks(),
         default_root_dir=str(run_dir),
     )
     n_params = sum(p.numel() for p in model.parameters())
@@ -150,6 +151,20 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "val_loss": _metric(trainer, "val/loss"),
     }
     return summary
+
+
+def _instantiate_data(node: DictConfig) -> Any:
+    """The DataModule; its own config errors (missing shards, mismatched latents) surface as they
+    are instead of wrapped in Hydra's InstantiationException, so train.py prints them plainly."""
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    try:
+        return instantiate(node)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError | FileNotFoundError):
+            raise err.__cause__ from None
+        raise
 
 
 def _metric(trainer: Any, name: str) -> float | None:

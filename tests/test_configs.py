@@ -26,6 +26,12 @@ def _required(group: str, option: str, tmp_path: Path) -> list[str]:
         return [f"data.root={root}"]
     if group == "model" and option == "sit_xl2":
         return ["model.checkpoint=/path/to/SiT-XL-2-256x256.pt"]
+    if group == "data" and option.endswith("_shards"):
+        return ["data.shards=/data/shards", "data.autoencoder.path=/models/vae"][
+            : 2 if option == "latent_shards" else 1
+        ]
+    if group == "experiment" and option.startswith("imagenet"):
+        return ["data.shards=/data/latents", "data.autoencoder.path=/models/sd-vae-ft-ema"]
     return []
 
 

@@ -1,0 +1,163 @@
+"""SLURM: resume picks the newest checkpoint (requeue or last), the requeue signal path end to end
+with a fake `scontrol`, the sbatch template, the submitit launcher and the trainer configs."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from models import training
+from models.runtime import ConfigError, find_resume_checkpoint
+from tests.conftest import ROOT, compose, small_run_overrides
+
+SLURM_ENV = {
+    "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "erg-train", "SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1",
+    "SLURM_NNODES": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+}  # fmt: skip
+
+
+def _fake_checkpoint(path: Path, step: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"global_step": step}, path)
+    return path
+
+
+def test_resume_auto_takes_the_newest_checkpoint_of_the_run(tmp_path):
+    run = tmp_path / "run"
+    assert find_resume_checkpoint(run, "auto") is None
+    last = _fake_checkpoint(run / "checkpoints" / "last.ckpt", 1000)
+    assert find_resume_checkpoint(run, "auto") == last
+    hpc1 = _fake_checkpoint(run / "hpc_ckpt_1.ckpt", 1500)  # written when SLURM signalled the requeue
+    assert find_resume_checkpoint(run, "auto") == hpc1
+    last = _fake_checkpoint(run / "checkpoints" / "last.ckpt", 2000)  # the requeued job went on
+    assert find_resume_checkpoint(run, "auto") == last
+    hpc2 = _fake_checkpoint(run / "hpc_ckpt_2.ckpt", 2000)  # same step, written later: the requeue one
+    os.utime(hpc2, ns=(last.stat().st_mtime_ns + 10**9,) * 2)
+    assert find_resume_checkpoint(run, "auto") == hpc2
+    (run / "hpc_ckpt_3.ckpt").write_bytes(b"truncated")  # unreadable: never chosen
+    assert find_resume_checkpoint(run, "auto") == hpc2
+
+    only_hpc = tmp_path / "only_hpc"
+    _fake_checkpoint(only_hpc / "hpc_ckpt_1.ckpt", 10)
+    with pytest.raises(ConfigError, match=r"already holds a run \(hpc_ckpt_1.ckpt\)"):
+        find_resume_checkpoint(only_hpc, "never")
+
+
+class Preempted(Exception):
+    """SLURM ending the job after the requeue signal (here: raised by the test)."""
+
+
+def test_requeue_signal_saves_requeues_and_the_next_job_continues_exactly(tmp_path, monkeypatch):
+    import lightning as L
+
+    calls = tmp_path / "scontrol_calls"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {calls}\n')
+    (bin_dir / "scontrol").chmod(0o755)
+    extra = ["checkpoint.every_n_steps=3", "optim.warmup_steps=2"]
+
+    straight = tmp_path / "straight"
+    training.run(compose(overrides=small_run_overrides(straight, 8, extra)))
+
+    class SignalAtStep5(L.Callback):
+        def on_train_batch_end(self, trainer, *args):
+            if trainer.global_step == 5:
+                os.kill(os.getpid(), signal.SIGUSR1)  # what `#SBATCH --signal=USR1@120` sends
+                raise Preempted
+
+    for key, value in {**SLURM_ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}"}.items():
+        monkeypatch.setenv(key, value)
+    build = training.build_callbacks
+    monkeypatch.setattr(training, "build_callbacks", lambda cfg, run_dir: [*build(cfg, run_dir), SignalAtStep5()])
+    run_dir = tmp_path / "job"
+    with pytest.raises(Preempted):
+        training.run(compose(overrides=small_run_overrides(run_dir, 8, extra)))
+    assert calls.read_text().split() == ["requeue", "4242"]
+    assert torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 5
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+    monkeypatch.setattr(training, "build_callbacks", build)  # the requeued job: same command, same env
+    assert find_resume_checkpoint(run_dir, "auto") == run_dir / "hpc_ckpt_1.ckpt"
+    summary = training.run(compose(overrides=small_run_overrides(run_dir, 8, extra)))
+    assert summary["step"] == 8
+    # it continued at step 5 (no step trained twice, as resuming from last.ckpt at step 3 would)...
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert steps == sorted(set(steps)) and steps[-3:] == [5, 6, 7]
+    # ...and ends where an uninterrupted run ends
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _sbatch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run slurm/train.sbatch as SLURM would on the first node, with `srun` replaced by a recorder."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "srun").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "srun_args"}\n')
+    (bin_dir / "srun").chmod(0o755)
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True, exist_ok=True)
+    (venv / "bin" / "activate").write_text("")
+    env = {**os.environ, **SLURM_ENV, "SLURM_NNODES": "4", "SLURM_NTASKS_PER_NODE": "8(x4)",
+           "PATH": f"{bin_dir}:{os.environ['PATH']}", "ERG_REPO": str(ROOT), "ERG_VENV": str(venv)}  # fmt: skip
+    return subprocess.run(["bash", str(ROOT / "slurm" / "train.sbatch"), *args], env=env, capture_output=True,
+                          text=True, timeout=60)  # fmt: skip
+
+
+def test_sbatch_template_runs_one_task_per_gpu_and_resumes_by_name(tmp_path):
+    text = (ROOT / "slurm" / "train.sbatch").read_text()
+    for directive in ("--ntasks-per-node=8", "--gpus-per-node=8", "--signal=USR1@120", "--requeue"):
+        assert f"#SBATCH {directive}" in text
+    result = _sbatch(tmp_path, "experiment=imagenet256_dit_xl2", "name=dit")
+    assert result.returncode == 0, result.stderr
+    args = (tmp_path / "srun_args").read_text().split()
+    assert args[:3] == ["--kill-on-bad-exit=1", "python", "train.py"]
+    assert args[3:] == ["trainer=multinode", "trainer.num_nodes=4", "trainer.devices=8", "resume=auto",
+                        "experiment=imagenet256_dit_xl2", "name=dit"]  # fmt: skip
+    refused = _sbatch(tmp_path, "experiment=imagenet256_dit_xl2")
+    assert refused.returncode == 2 and "give name=<run name>" in refused.stderr
+
+
+def test_submitit_launcher_config_composes():
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = hydra_compose("train", ["hydra/launcher=submitit_slurm", "hydra.launcher.partition=gpu",
+                                      "hydra.launcher.gpus_per_node=4"], return_hydra_config=True)  # fmt: skip
+    launcher = cfg.hydra.launcher
+    assert launcher._target_.endswith("SlurmLauncher")
+    assert (launcher.partition, launcher.nodes, launcher.gpus_per_node, launcher.tasks_per_node) == ("gpu", 1, 4, 4)
+    assert launcher.timeout_min > 0 and launcher.array_parallelism > 0 and launcher.signal_delay_s > 0
+
+
+def test_trainer_configs_build_their_strategies():
+    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+
+    from models.dit import DiT, DiTBlock
+
+    def kwargs(option: str) -> dict:
+        cfg = compose(overrides=[f"trainer={option}"])
+        return instantiate(OmegaConf.to_container(cfg.trainer, resolve=True), _convert_="all")
+
+    ddp = kwargs("ddp")
+    assert isinstance(ddp["strategy"], DDPStrategy) and ddp["use_distributed_sampler"] is False
+    multinode = kwargs("multinode")
+    assert (multinode["num_nodes"], multinode["devices"]) == (2, 8) and isinstance(multinode["strategy"], DDPStrategy)
+    fsdp = kwargs("fsdp")["strategy"]
+    assert isinstance(fsdp, FSDPStrategy)
+    # the trained model and its EMA copy are wrapped alike (their shards line up), and every block
+    assert fsdp.kwargs["auto_wrap_policy"]._module_classes == {DiT, DiTBlock}
