@@ -148,6 +148,7 @@ def test_trainer_configs_build_their_strategies():
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
     from models.dit import DiT, DiTBlock
+    from models.mmdit import MMDiT, MMDiTBlock
 
     def kwargs(option: str) -> dict:
         cfg = compose(overrides=[f"trainer={option}"])
@@ -160,4 +161,4 @@ def test_trainer_configs_build_their_strategies():
     fsdp = kwargs("fsdp")["strategy"]
     assert isinstance(fsdp, FSDPStrategy)
     # the trained model and its EMA copy are wrapped alike (their shards line up), and every block
-    assert fsdp.kwargs["auto_wrap_policy"]._module_classes == {DiT, DiTBlock}
+    assert fsdp.kwargs["auto_wrap_policy"]._module_classes == {DiT, DiTBlock, MMDiT, MMDiTBlock}
