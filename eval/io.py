@@ -58,7 +58,7 @@ def read_npz_batches(path: str | Path, batch_size: int = 256, key: str = "arr_0"
             buf = f.read(n * row_bytes)
             if len(buf) != n * row_bytes:
                 raise ValueError(f"{path}:{key} is truncated at row {start} (expected {shape[0]} rows)")
-            yield np.frombuffer(buf, dtype=dtype).reshape(n, *row_shape)
+            yield np.frombuffer(bytearray(buf), dtype=dtype).reshape(n, *row_shape)  # writable
 
 
 def write_adm_npz(path: str | Path, batches: Iterable[np.ndarray], num_images: int) -> Path:
