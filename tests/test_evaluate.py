@@ -38,7 +38,7 @@ def digits_net(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def digits():
-    (xt, yt), (xv, yv) = DigitsDataModule(seed=0).split()
+    (xt, yt), (xv, _) = DigitsDataModule(seed=0).split()
     return to_uint8(xt).numpy(), yt, to_uint8(xv).numpy()
 
 
