@@ -65,6 +65,11 @@ def rank_runs(
         raise ValueError("rank scoring needs at least one metric")
     if pool not in ("all", "method"):
         raise ValueError(f"pool must be 'all' or 'method', got {pool!r}")
+    for metric in metrics:
+        _direction(metric)
+        missing = [n for n in values if metric not in values[n]]
+        if missing:
+            raise ValueError(f"metric {metric} is missing for run(s) {missing[:5]}")
     groups = (
         [list(values)]
         if pool == "all"

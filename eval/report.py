@@ -118,13 +118,13 @@ def _short_params(run: Run, limit: int = 60) -> str:
 
 
 def _ranking_markdown(ranked: dict[Any, list[RankedRun]], metrics: list[str], runs: dict[str, Run]) -> str:
-    head = ["Group", "Run", "Method", "Parameters", *metrics, "Mean rank"]
+    grouped = any(g is not None for g in ranked)
+    head = [*(["Group"] if grouped else []), "Run", "Method", "Parameters", *metrics, "Mean rank"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     for g, group_runs in ranked.items():
         for r in group_runs:
             cells = [f"{format_value(m, r.values[m])} ({r.ranks[m]:g})" for m in metrics]
-            group = str(g) if g is not None else ""
-            name = [group, r.name, method_label(r.method), _short_params(runs[r.name])]
+            name = [*([str(g)] if grouped else []), r.name, method_label(r.method), _short_params(runs[r.name])]
             lines.append("| " + " | ".join([*name, *cells, f"{r.mean_rank:.2f}"]) + " |")
     return "\n".join(lines)
 
