@@ -28,7 +28,7 @@ IMAGE_METRICS = ("fid", "precision", "recall", "density", "coverage")
 PRDC_METRICS = ("precision", "recall", "density", "coverage")
 TEXT_METRICS = ("clip_score", "vqa_score")
 TOP_LEVEL_KEYS = {
-    "samples", "reference", "data", "features", "protocol", "metrics", "prdc", "clip_score", "vqa_score",
+    "samples", "reference", "data", "features", "protocol", "metrics", "fid_method", "prdc", "clip_score", "vqa_score",
     "batch_size", "num_workers", "device", "cache_dir", "out", "logger", "name", "run_dir", "seed", "progress",
     "hydra",
 }  # fmt: skip
@@ -64,6 +64,8 @@ def validate(cfg: DictConfig) -> list[str]:
             check_kwargs(cfg[key], target_of(cfg[key]), key, ignore=("batch_size",))
     if cfg.reference.split not in ("val", "train", "all"):
         raise ConfigError(f"reference.split must be val, train or all, got {cfg.reference.split!r}")
+    if cfg.fid_method not in ("sqrtm", "eigh"):
+        raise ConfigError(f"fid_method must be sqrtm or eigh, got {cfg.fid_method!r}")
     if cfg.batch_size < 1 or cfg.prdc.k < 1 or cfg.prdc.chunk_size < 1:
         raise ConfigError("batch_size, prdc.k and prdc.chunk_size must be >= 1")
     try:
@@ -205,7 +207,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         )  # fmt: skip
         key = f"{reference.identity}__{feature_space(extractor, protocol)}"
         if "fid" in image_metrics:
-            values["fid"] = frechet_distance(reference.stats.mu, reference.stats.sigma, stats.mu, stats.sigma)
+            ref = reference.stats
+            values["fid"] = frechet_distance(ref.mu, ref.sigma, stats.mu, stats.sigma, method=cfg.fid_method)
         if need_prdc:
             k, chunk = cfg.prdc.k, cfg.prdc.chunk_size
             real_radii = reference.radii(k, chunk, device)

@@ -68,17 +68,35 @@ class RunningStats:
         return GaussianStats((mean_shifted + self.shift).cpu().numpy(), cov.cpu().numpy(), self.n)
 
 
+def _trace_sqrt_product_eigh(sigma1: np.ndarray, sigma2: np.ndarray) -> float:
+    """Tr((S1 S2)^(1/2)) for symmetric PSD S1, S2 via two symmetric eigendecompositions: S1 S2 is similar
+    to R S2 R with R = S1^(1/2) (symmetric PSD), so the trace of the root is the sum of the square roots
+    of R S2 R's eigenvalues. Same quantity as sqrtm's trace, ~30x faster at 2048 x 2048."""
+    w, v = np.linalg.eigh(sigma1)
+    root = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+    inner = root @ sigma2 @ root
+    return float(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0, None)).sum())
+
+
 def frechet_distance(
-    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6, method: str = "sqrtm"
 ) -> float:
-    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)), in float64."""
+    """||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 sqrtm(sigma1 sigma2)), in float64.
+
+    method `sqrtm` (default) is the reference implementations' computation (scipy.linalg.sqrtm, which
+    takes minutes on a CPU at 2048-d); `eigh` computes the same trace from symmetric eigendecompositions.
+    """
     from scipy import linalg
 
+    if method not in ("sqrtm", "eigh"):
+        raise ValueError(f"FID method must be sqrtm or eigh, got {method!r}")
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics of different dimensions: {mu1.shape} vs {mu2.shape}")
     diff = mu1 - mu2
+    if method == "eigh":
+        return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * _trace_sqrt_product_eigh(sigma1, sigma2))
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():  # singular product: regularise (as pytorch-fid / ADM do)
         offset = np.eye(sigma1.shape[0]) * eps

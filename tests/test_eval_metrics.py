@@ -40,6 +40,18 @@ def test_fid_with_full_covariances_matches_an_eigen_decomposition():
     assert frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
 
 
+@pytest.mark.parametrize("dim", [1, 5, 64])
+def test_fid_eigh_method_equals_sqrtm(dim):
+    rng = np.random.default_rng(dim)
+    a, b = rng.normal(size=(dim, 3 * dim)), rng.normal(size=(dim, 3 * dim))
+    s1, s2 = a @ a.T / dim, b @ b.T / dim
+    mu1, mu2 = rng.normal(size=dim), rng.normal(size=dim)
+    ref = frechet_distance(mu1, s1, mu2, s2, method="sqrtm")
+    assert frechet_distance(mu1, s1, mu2, s2, method="eigh") == pytest.approx(ref, rel=1e-9)
+    with pytest.raises(ValueError, match="sqrtm or eigh"):
+        frechet_distance(mu1, s1, mu2, s2, method="svd")
+
+
 def test_fid_of_sampled_gaussians_approaches_the_closed_form():
     rng = np.random.default_rng(2)
     x = rng.normal(0.0, 1.0, size=(200_000, 2))
@@ -125,7 +137,7 @@ def test_prdc_matches_the_full_matrix_reference(k):
     assert ours == pytest.approx(prdc_reference(real.numpy(), fake.numpy(), k), abs=1e-12)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 32, 64])
+@pytest.mark.parametrize("chunk", [5, 32, 64])
 def test_prdc_chunked_equals_unchunked(chunk):
     g = torch.Generator().manual_seed(5)
     real = torch.randn(150, 16, generator=g)

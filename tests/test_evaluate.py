@@ -189,3 +189,12 @@ def test_command_line(tmp_path, digits_net, digits):
     assert out.returncode == 0, out.stderr[-3000:]
     assert '"fid"' in out.stdout and f"metrics written to {samples / 'metrics.json'}" in out.stdout
     assert json.loads((samples / "metrics.json").read_text())["schema"] == 1
+
+
+@pytest.mark.parametrize("option", sorted(p.stem for p in (ROOT / "configs" / "features").glob("*.yaml")))
+def test_every_features_option_composes_and_validates(option):
+    from eval.evaluate import validate
+
+    extra = ["features.weights=/path/to/weights"] if option == "dinov2" else []
+    cfg = compose("evaluate", ["samples=/some/samples", "data=digits", f"features={option}", *extra])
+    assert validate(cfg) == ["fid", "precision", "recall", "density", "coverage"]
