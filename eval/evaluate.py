@@ -155,9 +155,9 @@ class _TextScores:
         self.n += len(images)
 
     def results(self) -> dict[str, float]:
-        # VQAScore is a probability; like CLIPScore it is reported on a 0-100 scale (paper, Table 1).
-        scale = {"clip_score": 1.0, "vqa_score": 100.0}
-        return {name: scale[name] * total / self.n for name, total in self.sums.items()}
+        # Stored as defined: CLIPScore on its 0-100 scale, VQAScore as a probability (tables print it x100,
+        # like precision / recall / density / coverage; eval/tables.py).
+        return {name: total / self.n for name, total in self.sums.items()}
 
 
 def _build_text_scorers(cfg: DictConfig, metrics: list[str], device: torch.device) -> tuple[dict, dict]:

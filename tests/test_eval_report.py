@@ -12,7 +12,7 @@ from data.sample_store import SampleStore
 from eval.pareto import facet_pairs, pareto_mask
 from eval.ranking import best_per_method, rank_runs
 from eval.records import ProtocolMismatch, select_metrics, write_record
-from eval.tables import Row, ablation_markdown, table_latex, table_markdown
+from eval.tables import Row, ablation_markdown, format_value, table_latex, table_markdown
 
 # A hand-made pool: run -> (method, guidance scale, metrics)
 POOL = {
@@ -63,6 +63,13 @@ def test_table_layout_bold_and_sections():
     assert r"\textbf{9.00} & \textbf{65.00} & \textbf{80.00}" in latex
     assert r"ERG + APG & \textbf{8.50} & 62.00 & 75.00 & 2 \\" in latex
     assert latex.count(r"\midrule") == 2 and r"FID ($\downarrow$)" in latex and r"\caption{Pool}" in latex
+
+
+def test_values_are_printed_on_the_papers_scales():
+    # metrics.json stores definitions (probabilities, ratios); the paper prints them x100, CLIPScore and FID as is.
+    assert format_value("vqa_score", 0.7015) == "70.15" and format_value("density", 1.2025) == "120.25"
+    assert format_value("clip_score", 26.45) == "26.45" and format_value("fid", 12.814) == "12.81"
+    assert format_value("fid", None) == "–"
 
 
 def test_grouped_table_bolds_within_each_group():
