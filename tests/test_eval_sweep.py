@@ -96,7 +96,7 @@ def test_interrupted_sweep_reruns_only_the_missing_points(tmp_path, evaluator):
 
 
 def test_a_point_folder_refuses_another_config(tmp_path, evaluator):
-    overrides, config = next(grid())
+    _, config = next(grid())
     run_point(tmp_path / "p", config, FakeSampler(), evaluator)
     with pytest.raises(ValueError, match="another config"):
         run_point(tmp_path / "p", {**config, "seed": 1}, FakeSampler(), evaluator)
