@@ -166,3 +166,13 @@ def test_radii_exclude_the_point_itself_but_count_duplicates():
     x = torch.tensor([[0.0], [0.0], [5.0], [7.0]])
     # k = 1: the duplicate at 0 is the nearest other point of each zero (distance 0); 5 -> 2, 7 -> 2.
     assert kth_neighbour_distances(x, 1, chunk_size=2).tolist() == [0.0, 0.0, 2.0, 2.0]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_prdc_on_gpu_equals_cpu_in_float64():
+    g = torch.Generator().manual_seed(7)
+    real, fake = torch.randn(3000, 64, generator=g), torch.randn(2500, 64, generator=g) * 1.1
+    cpu = compute_prdc(real, fake, k=3, chunk_size=1024, dtype=torch.float64)
+    gpu = compute_prdc(real, fake, k=3, chunk_size=1024, dtype=torch.float64, device="cuda")
+    assert gpu.as_dict() == pytest.approx(cpu.as_dict(), abs=1e-12)
