@@ -120,7 +120,10 @@ class Prompts(Conditioning):
 
 
 def conditioning_for(model: nn.Module) -> Conditioning:
-    """The conditioning of a class-conditional or unconditional model of this repo (DiT family)."""
+    """How to condition `model`: its own `conditioning()` if it has one (text-to-image models with
+    their encoders), else class labels (DiT family with classes) or nothing (unconditional)."""
+    if callable(getattr(model, "conditioning", None)):
+        return model.conditioning()
     if getattr(model, "num_classes", 0):
         return ClassLabels(model)
     return Unconditional()

@@ -39,12 +39,14 @@ OnStep = Callable[[Step, Tensor], None]
 class SamplerConfig:
     """steps: Euler steps; shift: SD3's schedule shift (1 = uniform in t); bf16: autocast on CUDA;
     batch_branches: evaluate the branches sharing a model in one forward (False: one forward per
-    branch, the reference the batched path is tested against)."""
+    branch, the reference the batched path is tested against); compile: call the models through
+    `torch.compile` (the modules themselves are left as they are)."""
 
     steps: int = 50
     shift: float = 1.0
     bf16: bool = True
     batch_branches: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.steps, int) and self.steps >= 1):
@@ -88,6 +90,7 @@ class GuidedSampler:
             conditionings.setdefault(name, conditioning_for(self.models[name]))
         self.conditionings = conditionings
         self._check(guidance)
+        self._call = {k: torch.compile(m) if self.config.compile else m for k, m in self.models.items()}
 
     def _check(self, guidance: Guidance) -> None:
         for b in guidance.branches:
@@ -164,7 +167,7 @@ class GuidedSampler:
         inputs = {k: torch.cat([c[k] for c in conds]) if len(conds) > 1 else conds[0][k] for k in conds[0]}
         plan = AttentionPlan(tuple(rules)) if rules else None
         with self._autocast():
-            out = self.models[group[0].model](x, t, plan=plan, **inputs)
+            out = self._call[group[0].model](x, t, plan=plan, **inputs)
         out = out.float()
         for j, b in enumerate(group):
             step.preds[b.name] = out[j * B : (j + 1) * B]

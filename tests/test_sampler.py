@@ -197,3 +197,31 @@ def test_bad_conditions_are_clear(models):
         s.sample_indices(range(2), [0, 7])
     with pytest.raises(ValueError, match="class-conditional"):
         s.sample_indices(range(2), None)
+
+
+def test_training_grids_use_the_shared_cfg(models):
+    """models/callbacks.SampleGrid samples through the shared sampler; CFG written out by hand here."""
+    from models.callbacks import SampleGrid
+
+    class Module:
+        ema = models["main"]
+
+    images = SampleGrid(out_dir="unused", steps=3, per_class=2, max_classes=3, guidance_scale=2.5).sample(Module())
+    model = models["main"]
+    y = torch.tensor([0, 0, 1, 1, 2, 2])
+    null = torch.full_like(y, model.null_class)
+
+    def cfg_velocity(x, t):
+        cond, uncond = model(x, t, y), model(x, t, null)
+        return uncond + 2.5 * (cond - uncond)
+
+    expected = euler(cfg_velocity, sample_noise(range(6), (2, 8, 8)), steps=3)
+    torch.testing.assert_close(images, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_class_embedding_input_is_the_label_path(models):
+    model = models["main"]
+    x, t, y = sample_noise(range(3), (2, 8, 8)), torch.full((3,), 0.3), torch.tensor([0, 4, 5])
+    assert torch.equal(model(x, t, y), model(x, t, class_embedding=model.y_embedder(y)))
+    with pytest.raises(ValueError, match="either labels y or class_embedding"):
+        model(x, t, y, class_embedding=model.y_embedder(y))

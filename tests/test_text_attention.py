@@ -164,3 +164,31 @@ def test_hooks_are_removed_when_the_body_raises(tokens):
     with pytest.raises(RuntimeError, match="boom"), AttentionTemperature(bert, 0.5, (0, 3)):
         raise RuntimeError("boom")
     assert _hooks(bert) == 0
+
+
+def test_prompt_conditioning_encodes_c_erg_under_the_temperature():
+    from erg.conditioning import Prompts
+    from erg.guidance.base import NULL, RECTIFIED, Condition, TextTemperature
+
+    bert = tiny_bert()
+
+    def encode(prompts):  # a stand-in tokenizer: characters -> ids, padded to 6
+        ids = torch.zeros(len(prompts), 6, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, p in enumerate(prompts):
+            codes = [ord(c) % 38 + 1 for c in p[:6]] or [1]
+            ids[i, : len(codes)], mask[i, : len(codes)] = torch.tensor(codes), 1
+        return {"context": bert(input_ids=ids, attention_mask=mask).last_hidden_state}
+
+    cond = Prompts(encode, {"bert": bert})
+    prompts = ["a cat", "two dogs"]
+    assert torch.equal(cond.encode(prompts, Condition())["context"], encode(prompts)["context"])
+    assert torch.equal(cond.encode(prompts, Condition(NULL))["context"], encode(["", ""])["context"])
+    text = TextTemperature(0.1, (("bert", (0, 2)),))
+    weak = cond.encode(prompts, Condition(RECTIFIED, text=text))["context"]
+    with AttentionTemperature(bert, 0.1, (0, 2)):
+        expected = encode(prompts)["context"]
+    assert torch.equal(weak, expected) and not torch.allclose(weak, encode(prompts)["context"])
+    assert _hooks(bert) == 0
+    with pytest.raises(ValueError, match=r"names text encoder 't5'; this model's encoders are \['bert'\]"):
+        cond.encode(prompts, Condition(RECTIFIED, text=TextTemperature(0.1, (("t5", (0, 2)),))))
