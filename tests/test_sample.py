@@ -10,32 +10,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from data.sample_store import SampleStore
 from erg.guidance import build_guidance
 from erg.sampling import sample_seed
 from models.generation import run, validate
 from models.runtime import ConfigError
-from tests.conftest import CONFIGS, ROOT, compose, randomize
+from tests.conftest import CONFIGS, ROOT, compose
+from tests.tiny_checkpoint import fake_checkpoint
 
 GUIDANCE = sorted(p.stem for p in (CONFIGS / "guidance").glob("*.yaml"))
-TINY = {
-    "_target_": "models.checkpoints.build_dit",
-    "arch": None, "depth": 4, "hidden_size": 32, "num_heads": 2, "patch_size": 2,
-    "input_size": 8, "in_channels": 1, "num_classes": 3, "learn_sigma": False, "checkpoint": None,
-}  # fmt: skip
-
-
-def fake_checkpoint(path: Path, seed: int = 0) -> Path:
-    """A checkpoint in this repo's layout (Lightning state_dict with ema.* weights + the run's config)."""
-    from hydra.utils import instantiate
-
-    model = randomize(instantiate(TINY), std=0.1, seed=seed)
-    state = {f"ema.{k}": v for k, v in model.state_dict().items()}
-    state.update({f"model.{k}": torch.zeros_like(v) for k, v in model.state_dict().items()})  # EMA must win
-    torch.save({"state_dict": state, "config": {"model": dict(TINY)}}, path)
-    return path
 
 
 @pytest.fixture(scope="module")
