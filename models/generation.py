@@ -369,11 +369,12 @@ def run_grid(container: dict[str, Any]) -> dict[str, Any]:
     grid = image_grid(torch.cat(rows), nrow=n, min_size=64)  # (H, W, C) uint8
     # a left margin with each row's method
     row_h = grid.shape[0] // len(rows)
-    margin = 8 + 7 * max(len(s) for s in names)
+    shown = [s if len(s) <= 28 else s[:27] + "..." for s in names]  # full names: the log and the summary
+    margin = 8 + 6 * max(len(s) for s in shown)
     canvas = Image.new("RGB", (grid.shape[1] + margin, grid.shape[0]), "white")
     canvas.paste(Image.fromarray(grid.numpy()).convert("RGB"), (margin, 0))
     draw = ImageDraw.Draw(canvas)
-    for r, name in enumerate(names):
+    for r, name in enumerate(shown):
         draw.text((4, r * row_h + row_h // 2 - 5), name, fill="black")
     path = Path(grid_cfg["path"]).expanduser()
     save_image(path, torch.from_numpy(np.array(canvas)))
