@@ -68,6 +68,11 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
             "nothing to sample: set checkpoint=runs/<name>/checkpoints/last.ckpt (a model trained here) or "
             "model=<config> model.checkpoint=<file> (e.g. model=sit_xl2 for the SiT-XL/2 release)"
         )
+    if container.get("checkpoint") and container.get("model"):
+        raise ConfigError(
+            "give either checkpoint=... (a checkpoint of this repo, which carries its model config) or "
+            "model=<config> model.checkpoint=..., not both"
+        )
     if container.get("model"):
         check_kwargs(cfg.model, target_of(cfg.model), "model")
     if container["mode"] not in ("samples", "grid"):
@@ -152,6 +157,11 @@ class Conditions:
         self.prompts: list[str] | None = None
         num_classes = getattr(model, "num_classes", 0)
         if container.get("prompts"):
+            if not callable(getattr(model, "conditioning", None)):
+                raise ConfigError(
+                    f"prompts=... needs a text-to-image model; {type(model).__name__} is "
+                    f"{'class-conditional' if num_classes else 'unconditional'} (use classes= / num_samples=)"
+                )
             path = Path(container["prompts"]).expanduser()
             if not path.is_file():
                 raise ConfigError(f"prompts={path}: no such file (one prompt per line)")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from data.sample_store import SampleStore
 from erg.guidance import build_guidance
@@ -196,3 +197,27 @@ def test_cli_reports_bad_input_clearly(ckpt, tmp_path):
     p = _cli(*overrides(ckpt, tmp_path, "guidance=erg", "guidance.image.tau=-1"))
     _, stderr = p.communicate(timeout=300)
     assert p.returncode == 2 and "guidance.image.tau must be > 0" in stderr
+
+
+def test_prompt_files_give_each_index_its_prompt(tmp_path):
+    from models.generation import Conditions
+
+    class TextModel:  # what a text-to-image model offers the sampler: its own conditioning
+        num_classes = 0
+
+        def conditioning(self):
+            raise AssertionError("not needed here")
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\n\nthree dogs on a sofa\n")
+    conds = Conditions({"prompts": str(prompts), "per_prompt": 2, "seed": 5, "num_samples": None}, TextModel())
+    assert conds.num_samples == 4
+    assert conds.of(range(4)) == ["a red cube", "a red cube", "three dogs on a sofa", "three dogs on a sofa"]
+    assert conds.records([3]) == [{"index": 3, "seed": sample_seed(5, 3), "prompt": "three dogs on a sofa"}]
+    with pytest.raises(ConfigError, match="needs a text-to-image model"):
+        Conditions({"prompts": str(prompts), "per_prompt": 1, "seed": 0}, torch.nn.Linear(1, 1))
+
+
+def test_checkpoint_and_model_config_are_exclusive(ckpt, tmp_path):
+    with pytest.raises(ConfigError, match="not both"):
+        validate(compose("sample", [*overrides(ckpt, tmp_path), "model=dit_s2"]))
