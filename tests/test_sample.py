@@ -241,3 +241,15 @@ def test_text_to_image_from_a_prompt_file(tmp_path):
     assert summary["complete"] and summary["num_samples"] == 4
     records = [r for _, recs in SampleStore.open(summary["out_dir"]).iter_batches() for r in recs]
     assert [r["prompt"] for r in records] == ["a red cube"] * 2 + ["two cats on a sofa"] * 2
+
+
+def test_sit_xl2_with_its_vae_composes():
+    """The ImageNet 256 setting: the SiT-XL/2 release + SD-VAE, by config groups only."""
+    cfg = compose("sample", ["model=sit_xl2", "model.checkpoint=/w/SiT-XL-2-256x256.pt", "autoencoder=sd_vae",
+                             "autoencoder.path=/w/sd-vae-ft-ema", "guidance=erg"])  # fmt: skip
+    container = validate(cfg)
+    assert (container["model"]["input_size"], container["model"]["in_channels"]) == (32, 4)
+    assert container["model"]["num_classes"] == 1000 and container["model"]["learn_sigma"]
+    assert container["autoencoder"]["_target_"] == "models.autoencoder.DiffusersVAE"
+    with pytest.raises(ConfigError, match="autoencoder.path"):
+        validate(compose("sample", ["model=sit_xl2", "model.checkpoint=/w/s.pt", "autoencoder=sd_vae"]))
