@@ -90,3 +90,11 @@ def test_unknown_encoder_names_are_errors(setup):
     cfg = {"method": "erg", "image": None, "text": {"tau": 0.1, "layers": {"llama3_8b": [0, 32]}}}
     with pytest.raises(ValueError, match=r"text encoder 'llama3_8b'; this model's encoders are \['minilm'\]"):
         sample(setup, cfg)
+
+
+def test_c_erg_hooks_what_the_encoder_wrapper_calls_its_query_projection(setup):
+    _, conditioner = setup
+    enc = conditioner.encoders["minilm"]
+    ctx = AttentionTemperature(enc.model, 0.1, (0, enc.num_layers))
+    assert all(a is b for a, b in zip(ctx.targets.values(), (enc.query_projection(i) for i in range(enc.num_layers))))
+    assert len(ctx.targets) == enc.num_layers == 6
