@@ -302,7 +302,7 @@ def _save_run_config(container: dict[str, Any], out_dir: Path, nfe: int) -> None
                 "Use another out_dir (or the same settings) so existing samples are not mixed."
             )
         return
-    run_info = {**container, "nfe_per_step": nfe}
+    run_info = {**container, "nfe": nfe}  # function evaluations per image and step (eval/runs.py reads it)
     atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(run_info)))
     atomic_write_text(out_dir / "guidance.yaml", OmegaConf.to_yaml(OmegaConf.create(container["guidance"])))
 

@@ -102,7 +102,7 @@ def test_samples_records_and_resume_after_an_interruption(ckpt, tmp_path, monkey
     assert [r["label"] for r in records] == [0, 0, 0, 2, 2, 2]  # index i -> classes[i // per_class]
     assert [r["seed"] for r in records] == [sample_seed(0, i) for i in range(6)]
     assert np.concatenate(images).shape == (6, 8, 8, 1) and np.concatenate(images).dtype == np.uint8
-    assert (straight / "guidance.yaml").is_file() and "nfe_per_step: 2" in (straight / "config.yaml").read_text()
+    assert (straight / "guidance.yaml").is_file() and "nfe: 2" in (straight / "config.yaml").read_text()
 
     # interrupted after the first shard, then rerun with the same command: the same files
     resumed = tmp_path / "resumed"
