@@ -253,3 +253,26 @@ def test_sit_xl2_with_its_vae_composes():
     assert container["autoencoder"]["_target_"] == "models.autoencoder.DiffusersVAE"
     with pytest.raises(ConfigError, match="autoencoder.path"):
         validate(compose("sample", ["model=sit_xl2", "model.checkpoint=/w/s.pt", "autoencoder=sd_vae"]))
+
+
+class NegatingDecoder(torch.nn.Module):
+    """A stand-in autoencoder whose decoder is visible in the images: decode(z) = -z."""
+
+    def decode(self, z):
+        return -z
+
+
+def test_latents_are_decoded_with_the_autoencoder_the_model_was_trained_with(ckpt, tmp_path):
+    stored = torch.load(ckpt, weights_only=True)
+    stored["config"]["data"] = {"autoencoder": {"_target_": "tests.test_sample.NegatingDecoder"}}
+    latent_ckpt = tmp_path / "latent.ckpt"
+    torch.save(stored, latent_ckpt)
+
+    def images(out_dir, *args):
+        out = run(compose("sample", overrides(latent_ckpt, tmp_path / out_dir, "classes=[1]", *args)))
+        return np.concatenate([b for b, _ in SampleStore.open(out["out_dir"]).iter_batches()]).astype(int)
+
+    negated = images("stored")  # the autoencoder stored in the checkpoint's data config
+    plain = images("explicit", "autoencoder=identity", "autoencoder.channels=1")  # an explicit one wins
+    # uint8(127.5 x + 128) of -x vs x: mirror images around 128 (up to the rounding of the clamp)
+    assert np.abs((negated - 128) + (plain - 128)).max() <= 1 and np.abs(plain - 128).max() > 10
