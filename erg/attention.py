@@ -12,8 +12,14 @@ Rules the seam guarantees (tests/test_attention.py):
 - a rectifier touches only its rows and layers; other rows are bit-for-bit the plain forward;
 - a layer or row range that does not exist is an error, never a silent no-op.
 
-Rectifiers defined here: `Temperature` (ERG's Algorithm 1). The baselines' rectifiers (identity for
-PAG, smoothed energy for SEG, attention capture for SAG) implement the same `Rectifier` interface.
+Rectifiers defined here, acting on the *image-token queries* of their rows (text queries of a joint
+attention keep plain attention; `Temperature` can take the text segment instead):
+- `Temperature`: ERG's Algorithm 1 (logit temperature tau, K energy steps with alpha, gamma);
+- `Identity`: PAG, the image-to-image attention map replaced by the identity (output = V);
+- `SmoothedEnergy`: SEG, image queries blurred on their 2D grid (sigma = inf: their mean);
+- `Capture`: SAG and the analyses, records the attention probabilities in a sink the caller owns
+  and returns the plain output.
+Rectifiers are stateless (frozen dataclasses); `Capture`'s sink is the one explicit exception.
 """
 
 from __future__ import annotations
@@ -22,12 +28,27 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["AttentionPlan", "Rectifier", "Rule", "Site", "Temperature", "attention"]
+from erg.blur import gaussian_blur_2d
+
+__all__ = [
+    "AttentionMaps",
+    "AttentionPlan",
+    "AttentionSink",
+    "Capture",
+    "Identity",
+    "Rectifier",
+    "Rule",
+    "Site",
+    "SmoothedEnergy",
+    "Temperature",
+    "attention",
+]
 
 
 @dataclass(frozen=True)
@@ -118,8 +139,8 @@ class Temperature(Rectifier):
         return float(self.tau) if self.is_logit_scale else None
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, site: Site) -> Tensor:
-        out = F.scaled_dot_product_attention(q, k, v)  # queries outside the segment keep plain attention
         tokens = site.segment(self.segment)
+        out = _attend_outside(q, k, v, tokens)  # queries outside the segment keep plain attention
         q_seg = q[:, :, tokens]
         scale = self.tau / math.sqrt(q.shape[-1])  # tau * beta
         for _ in range(self.steps):
@@ -127,6 +148,131 @@ class Temperature(Rectifier):
             q_seg = q_seg - self.gamma * (q_seg - self.alpha * attended)
         out[:, :, tokens] = q_seg
         return out
+
+
+def _attend_outside(q: Tensor, k: Tensor, v: Tensor, tokens: slice) -> Tensor:
+    """Plain attention for the queries outside `tokens`; the slots of `tokens` are left for the
+    caller to fill (not computed at all when `tokens` covers every query, as the image tokens of DiT)."""
+    n = q.shape[2]
+    if len(range(*tokens.indices(n))) == n:
+        return q.new_empty(*q.shape[:-1], v.shape[-1])
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _image_grid(q_img: Tensor, site: Site, who: str) -> tuple[int, int]:
+    if site.grid is None:
+        raise ValueError(
+            f"{who} needs the 2D grid of the image tokens, but layer {site.layer} reports Site.grid=None; "
+            "the model must pass its token grid to the attention seam"
+        )
+    h, w = site.grid
+    if h * w != q_img.shape[2]:
+        raise ValueError(
+            f"{who}: layer {site.layer} has {q_img.shape[2]} image tokens but its grid is {h}x{w}; "
+            "the Site's image segment and grid disagree"
+        )
+    return h, w
+
+
+@dataclass(frozen=True)
+class Identity(Rectifier):
+    """PAG (Ahn et al., 2024): the image-to-image attention map is replaced by the identity.
+
+    Each image-token query's output is its own value vector, out_i = v_i. Text queries of a joint
+    attention keep plain attention. Needs self-attention over the same tokens (as many queries as
+    keys in the image segment); anything else is an error, never a silent no-op (a trap of public
+    implementations).
+    """
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, site: Site) -> Tensor:
+        if q.shape[2] != k.shape[2]:
+            raise ValueError(
+                f"identity attention (PAG) in layer {site.layer} needs self-attention with one key per query, "
+                f"got {q.shape[2]} queries and {k.shape[2]} keys"
+            )
+        out = _attend_outside(q, k, v, site.image)
+        out[:, :, site.image] = v[:, :, site.image]
+        return out
+
+
+@dataclass(frozen=True)
+class SmoothedEnergy(Rectifier):
+    """SEG (Hong, 2024): blur the image-token queries on their 2D grid, then plain attention.
+
+    Each channel of the queries (heads x head_dim) is blurred by a Gaussian of std `sigma` on the
+    (H, W) token grid (`erg.blur`: kernel ceil(6 sigma) + 1 made odd, reflect padding). sigma >=
+    `INFINITE` (1e4, as SEG's reference) replaces the image queries by their mean over the grid: every
+    image token then attends with the same (maximally smoothed) attention weights.
+    """
+
+    sigma: float
+    INFINITE = 1e4
+
+    def __post_init__(self) -> None:
+        if not self.sigma > 0:
+            raise ValueError(f"SEG blur sigma must be > 0 (use .inf for the mean), got {self.sigma}")
+
+    @property
+    def is_infinite(self) -> bool:
+        return self.sigma >= self.INFINITE
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, site: Site) -> Tensor:
+        q_img = q[:, :, site.image]  # (rows, heads, N, d)
+        h, w = _image_grid(q_img, site, "smoothed energy attention (SEG)")
+        if self.is_infinite:
+            q_img = q_img.mean(dim=2, keepdim=True).expand_as(q_img)
+        else:
+            rows, heads, n, d = q_img.shape
+            grid = q_img.permute(0, 1, 3, 2).reshape(rows, heads * d, h, w)  # tokens are row-major
+            grid = gaussian_blur_2d(grid, self.sigma)
+            q_img = grid.reshape(rows, heads, d, n).permute(0, 1, 3, 2)
+        out = _attend_outside(q, k, v, site.image)
+        out[:, :, site.image] = F.scaled_dot_product_attention(q_img.contiguous(), k, v)
+        return out
+
+
+class AttentionSink(Protocol):
+    """Receives the attention probabilities `Capture` computes."""
+
+    def record(self, site: Site, probs: Tensor) -> None:
+        """probs: float32 (rows, heads, image queries, keys) of one layer."""
+
+
+class AttentionMaps:
+    """The standard sink: head-averaged attention probabilities per layer.
+
+    maps[layer]: (rows, image queries, keys); sites[layer]: the layer's Site (its image segment
+    tells which keys are image tokens). A layer recorded twice keeps the latest call.
+    """
+
+    def __init__(self) -> None:
+        self.maps: dict[int, Tensor] = {}
+        self.sites: dict[int, Site] = {}
+
+    def record(self, site: Site, probs: Tensor) -> None:
+        self.maps[site.layer] = probs.mean(dim=1)
+        self.sites[site.layer] = site
+
+    def image_to_image(self, layer: int) -> Tensor:
+        """(rows, image queries, image keys) of a recorded layer."""
+        if layer not in self.maps:
+            raise KeyError(f"no attention map recorded for layer {layer} (recorded: {sorted(self.maps)})")
+        return self.maps[layer][:, :, self.sites[layer].image]
+
+
+@dataclass(frozen=True, eq=False)
+class Capture(Rectifier):
+    """Records softmax(Q K^T / sqrt(d)) of the image-token queries (float32) into `sink` and returns
+    the plain attention output. It cannot use a fused kernel for the map itself, so it costs an
+    explicit attention in the layers it watches (SAG, appendix B.4's analysis)."""
+
+    sink: AttentionSink
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, site: Site) -> Tensor:
+        q_img = q[:, :, site.image].float()
+        logits = q_img @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
+        self.sink.record(site, torch.softmax(logits, dim=-1))
+        return F.scaled_dot_product_attention(q, k, v)
 
 
 def _as_layers(layers: Iterable[int] | int) -> frozenset[int]:

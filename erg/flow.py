@@ -98,14 +98,20 @@ def shift_time(t: Tensor, shift: float) -> Tensor:
     return 1 - shift * sigma / (1 + (shift - 1) * sigma)
 
 
-def time_grid(steps: int, shift: float = 1.0, device: torch.device | str | None = None) -> Tensor:
-    """The `steps + 1` times of an Euler integration from t = 0 (noise) to t = 1 (data)."""
+def time_grid(
+    steps: int, shift: float = 1.0, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """The `steps + 1` times of an Euler integration from t = 0 (noise) to t = 1 (data).
+
+    Uniform times are i / steps computed in float64 (correctly rounded, so t = 0.3 of a 10-step grid
+    equals the number 0.3 and time windows such as ERG's t > kappa switch where one expects).
+    """
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    t = torch.linspace(0.0, 1.0, steps + 1, device=device, dtype=torch.float64)
+    t = torch.arange(steps + 1, device=device, dtype=torch.float64) / steps
     if shift != 1.0:
         t = shift_time(t, shift)
-    return t.float()
+    return t.to(dtype)
 
 
 def sample_timesteps(

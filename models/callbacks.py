@@ -9,7 +9,8 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
-from erg.sampling import euler, sample_noise
+from erg.guidance import build_guidance
+from erg.sampler import GuidedSampler, SamplerConfig
 from models.io import image_grid, save_image
 
 __all__ = ["SampleGrid"]
@@ -21,7 +22,8 @@ class SampleGrid(L.Callback):
     show images. Rows are classes (columns: `per_class` samples); the noises are the same at every
     step (per-sample seeds), so grids are comparable along training.
 
-    `guidance_scale` > 1 applies classifier-free guidance (only for this monitoring view).
+    `guidance_scale` != 1 applies classifier-free guidance (only for this monitoring view), through
+    the same sampler `sample.py` uses.
     """
 
     def __init__(
@@ -54,26 +56,15 @@ class SampleGrid(L.Callback):
 
     @torch.no_grad()
     def sample(self, pl_module: L.LightningModule, decode: Any = None) -> torch.Tensor:
+        """The grid's images, from the shared guidance sampler (CFG exists once, in erg/)."""
         model = pl_module.ema
         num_classes = getattr(model, "num_classes", 0)
         rows = min(num_classes, self.max_classes) if num_classes else 1
         n = rows * self.per_class
-        shape = (model.in_channels, model.input_size, model.input_size)
-        noise = sample_noise(range(n), shape, base_seed=self.seed, device=pl_module.device)
-        if num_classes:
-            y = torch.arange(rows, device=pl_module.device).repeat_interleave(self.per_class)
-            null = torch.full_like(y, model.null_class)
-        w = self.guidance_scale
-
-        def velocity(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if not num_classes:
-                return model(x, t)
-            if w == 1.0:
-                return model(x, t, y)
-            v_cond, v_uncond = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).chunk(2)
-            return v_uncond + w * (v_cond - v_uncond)
-
-        x = euler(velocity, noise, steps=self.steps)
+        labels = [c for c in range(rows) for _ in range(self.per_class)] if num_classes else None
+        cfg = {"method": "cfg", "scale": self.guidance_scale} if num_classes else {"method": "none"}
+        sampler = GuidedSampler(build_guidance(cfg), model, config=SamplerConfig(steps=self.steps))
+        x = sampler.sample_indices(range(n), labels, base_seed=self.seed)
         return decode(x) if decode is not None else x
 
     def sample_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -165,12 +165,21 @@ class DiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None, plan: AttentionPlan | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        t: Tensor,
+        y: Tensor | None = None,
+        plan: AttentionPlan | None = None,
+        class_embedding: Tensor | None = None,
+    ) -> Tensor:
         """Velocity at (x_t, t).
 
         x: (B, C, H, W) noisy input; t: (B,) times in [0, 1]; y: (B,) class labels, with
         `null_class` for the unconditional prediction (None for an unconditional model);
-        plan: attention rectification for guidance (None = plain attention).
+        plan: attention rectification for guidance (None = plain attention);
+        class_embedding: (B, D) the label embedding given directly instead of y (guidance that edits
+        the condition, e.g. CADS' noised class embedding); `y_embedder(y)` gives the same as y.
         """
         B = x.shape[0]
         if plan is not None:
@@ -181,7 +190,11 @@ class DiT(nn.Module):
                 f"got {tuple(x.shape)}"
             )
         c = self.t_embedder(t * self.time_scale)  # (B, D)
-        if self.y_embedder is not None:
+        if class_embedding is not None:
+            if self.y_embedder is None or y is not None:
+                raise ValueError("pass either labels y or class_embedding, to a class-conditional DiT")
+            c = c + class_embedding  # exactly what the label path adds
+        elif self.y_embedder is not None:
             if y is None:
                 raise ValueError(
                     f"class-conditional DiT needs labels y; use y = {self.null_class} (null class) for "

@@ -1,0 +1,64 @@
+"""Gaussian blur of a batch of 2D grids, per channel, with reflect padding.
+
+Used on attention queries laid out on the image-token grid (SEG) and on predicted images (SAG).
+Written here (a few lines) rather than taken from torchvision because SEG's definition fixes the
+kernel size and the clipping to the grid, which `torchvision.transforms.functional.gaussian_blur`
+does not expose the same way:
+
+    kernel size k = ceil(6 sigma) + 1, made odd; clipped to the grid size (odd) so that reflect
+    padding stays valid on small grids (as SEG's reference code does);
+    weights = exp(-x^2 / (2 sigma^2)) sampled at integer offsets, normalised to sum 1;
+    separable: the same 1D kernel along rows and columns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["gaussian_blur_2d", "gaussian_kernel_1d", "gaussian_kernel_size"]
+
+
+def gaussian_kernel_size(sigma: float) -> int:
+    """SEG's kernel size for a Gaussian of std `sigma`: ceil(6 sigma) + 1, made odd."""
+    if not sigma > 0:
+        raise ValueError(f"blur sigma must be > 0, got {sigma}")
+    k = math.ceil(6 * sigma) + 1
+    return k if k % 2 else k + 1
+
+
+def _clip_to_grid(kernel_size: int, size: int) -> int:
+    """The largest odd kernel <= kernel_size whose reflect padding fits a grid side of `size`."""
+    limit = size if size % 2 else size + 1  # padding (k - 1) / 2 must stay < size
+    return min(kernel_size, limit)
+
+
+def gaussian_kernel_1d(kernel_size: int, sigma: float, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Normalised Gaussian weights at offsets -(k-1)/2 .. (k-1)/2."""
+    half = (kernel_size - 1) / 2
+    x = torch.linspace(-half, half, kernel_size, dtype=torch.float64)
+    w = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (w / w.sum()).to(dtype)
+
+
+def gaussian_blur_2d(x: Tensor, sigma: float, kernel_size: int | None = None) -> Tensor:
+    """Blur each channel of x: (N, C, H, W) with a Gaussian of std `sigma` (reflect padding)."""
+    if x.ndim != 4:
+        raise ValueError(f"gaussian_blur_2d expects (N, C, H, W), got shape {tuple(x.shape)}")
+    k = kernel_size or gaussian_kernel_size(sigma)
+    if k % 2 == 0 or k < 1:
+        raise ValueError(f"blur kernel size must be odd and >= 1, got {k}")
+    _, c, h, w = x.shape
+    kh, kw = _clip_to_grid(k, h), _clip_to_grid(k, w)
+    compute = torch.promote_types(x.dtype, torch.float32)
+    y = x.to(compute)
+    if kh > 1:  # along rows (H)
+        weight = gaussian_kernel_1d(kh, sigma, compute).to(x.device).view(1, 1, kh, 1).expand(c, 1, kh, 1)
+        y = F.conv2d(F.pad(y, (0, 0, kh // 2, kh // 2), mode="reflect"), weight, groups=c)
+    if kw > 1:  # along columns (W)
+        weight = gaussian_kernel_1d(kw, sigma, compute).to(x.device).view(1, 1, 1, kw).expand(c, 1, 1, kw)
+        y = F.conv2d(F.pad(y, (kw // 2, kw // 2, 0, 0), mode="reflect"), weight, groups=c)
+    return y.to(x.dtype)

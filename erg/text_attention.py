@@ -1,0 +1,155 @@
+"""C-ERG's mechanism: a reversible temperature on the self-attention logits of a text encoder.
+
+    with AttentionTemperature(t5, tau=0.01, layers=(0, 24)):
+        weak_tokens = t5(**tokens).last_hidden_state      # phi_c^tau of eq. (10)
+    # hooks are gone here; the encoder is exactly what it was
+
+Third-party encoders (transformers' T5, Llama, CLIP, BERT, ...) do not go through our attention seam,
+so the temperature is applied with named, removable forward hooks on the module whose output is
+the query *right before* the logits q k^T (the paper's Listing 1 hooks the query projection:
+output *= tau). Scaling that q by tau scales the logits by tau. Where an architecture normalises q
+after the projection (qk-norm), scaling the projection's output would be undone by the norm, so
+the hook goes on the norm's output instead; `ENCODER_LAYOUTS` says which module per architecture.
+
+Ranges are [l_min, l_max) as in the paper's Listing 1 (`range(l_min, l_max)`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+__all__ = ["ENCODER_LAYOUTS", "AttentionTemperature", "EncoderLayout", "encoder_layout"]
+
+
+@dataclass(frozen=True)
+class EncoderLayout:
+    """Where an encoder architecture keeps its self-attention queries.
+
+    blocks: dotted paths (first that exists wins) from the model to the list of transformer blocks.
+    query: dotted path inside a block to the module whose output is the query that enters q k^T.
+    note: what scaling that output does to the logits (shown in errors and `repr`).
+    """
+
+    blocks: tuple[str, ...]
+    query: str
+    note: str
+
+
+ENCODER_LAYOUTS: dict[str, EncoderLayout] = {
+    "bert": EncoderLayout(
+        ("encoder.layer", "layer"),
+        "attention.self.query",
+        "logits = q k^T / sqrt(d) + mask: scaling the query projection scales the logits by tau",
+    ),
+    "t5": EncoderLayout(
+        ("encoder.block", "block"),
+        "layer.0.SelfAttention.q",
+        "T5 logits = q k^T + relative position bias, without 1/sqrt(d): scaling the query projection "
+        "scales the content term only, exactly as the paper's Listing 1 does",
+    ),
+    "llama": EncoderLayout(
+        ("model.layers", "layers"),
+        "self_attn.q_proj",
+        "RoPE is linear in q, so scaling q before RoPE scales the logits by tau; grouped-query attention "
+        "shares keys, not queries",
+    ),
+    "clip_text_model": EncoderLayout(
+        ("text_model.encoder.layers", "encoder.layers"),
+        "self_attn.q_proj",
+        "logits = q k^T / sqrt(d) + causal mask: scaling the query projection scales the logits by tau",
+    ),
+    "qwen3": EncoderLayout(
+        ("model.layers", "layers"),
+        "self_attn.q_norm",
+        "q is RMS-normalised per head after the projection (qk-norm), which would undo a scaled projection: "
+        "the hook scales the normalised q, i.e. the logits",
+    ),
+}
+ENCODER_LAYOUTS["clip"] = ENCODER_LAYOUTS["clip_text_model"]
+ENCODER_LAYOUTS["mt5"] = ENCODER_LAYOUTS["umt5"] = ENCODER_LAYOUTS["t5"]
+
+
+def encoder_layout(encoder: nn.Module) -> EncoderLayout:
+    """The layout of a transformers model, looked up by its `config.model_type`."""
+    model_type = getattr(getattr(encoder, "config", None), "model_type", None)
+    if model_type not in ENCODER_LAYOUTS:
+        raise ValueError(
+            f"no attention layout known for encoder {type(encoder).__name__} (model_type={model_type!r}); "
+            f"known: {sorted(ENCODER_LAYOUTS)}. Pass layout=EncoderLayout(blocks=..., query=..., note=...) "
+            "naming the module whose output is the query that enters q k^T"
+        )
+    return ENCODER_LAYOUTS[model_type]
+
+
+def _get(module: nn.Module, path: str) -> Any:
+    for part in path.split("."):
+        module = module[int(part)] if part.isdigit() else getattr(module, part)
+    return module
+
+
+def _blocks(encoder: nn.Module, layout: EncoderLayout) -> tuple[str, Sequence[nn.Module]]:
+    for path in layout.blocks:
+        try:
+            return path, _get(encoder, path)
+        except (AttributeError, IndexError):
+            continue
+    raise ValueError(f"{type(encoder).__name__} has none of the block lists {layout.blocks} its layout names")
+
+
+class AttentionTemperature:
+    """Context manager: attention logits of blocks [l_min, l_max) of `encoder` times `tau` while active.
+
+    Hooks are registered on entry and removed on exit (also when the body raises). `hooks` names
+    every hooked module while active; `repr` prints them. tau = 1 is an exact no-op (x * 1.0).
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        tau: float,
+        layers: tuple[int, int] | Sequence[int],
+        layout: EncoderLayout | None = None,
+        name: str = "encoder",
+    ):
+        if not tau > 0:
+            raise ValueError(f"C-ERG temperature tau_c must be > 0, got {tau}")
+        if len(layers) != 2:
+            raise ValueError(f"C-ERG layers of {name} must be [l_min, l_max], got {list(layers)}")
+        l_min, l_max = int(layers[0]), int(layers[1])
+        self.layout = layout or encoder_layout(encoder)
+        self.blocks_path, blocks = _blocks(encoder, self.layout)
+        if not 0 <= l_min < l_max <= len(blocks):
+            raise ValueError(
+                f"C-ERG layers [{l_min}, {l_max}) of {name} are not a range inside its {len(blocks)} blocks "
+                f"(need 0 <= l_min < l_max <= {len(blocks)})"
+            )
+        self.encoder, self.tau, self.layers, self.name = encoder, float(tau), (l_min, l_max), name
+        self.targets = {
+            f"{self.blocks_path}.{i}.{self.layout.query}": _get(blocks[i], self.layout.query)
+            for i in range(l_min, l_max)
+        }
+        self.hooks: dict[str, Any] = {}
+
+    def _scale(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
+        return output * self.tau
+
+    def __enter__(self) -> AttentionTemperature:
+        if self.hooks:
+            raise RuntimeError(f"{self!r} is already active")
+        for path, module in self.targets.items():
+            self.hooks[path] = module.register_forward_hook(self._scale)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for handle in self.hooks.values():
+            handle.remove()
+        self.hooks.clear()
+
+    def __repr__(self) -> str:
+        state = f"active on {list(self.hooks)}" if self.hooks else "inactive"
+        l_min, l_max = self.layers
+        return f"AttentionTemperature({self.name}, tau={self.tau}, layers=[{l_min}, {l_max}), {state})"

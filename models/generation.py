@@ -1,0 +1,430 @@
+"""Assemble and run sampling from the composed Hydra config (the body of `sample.py`).
+
+    model      our checkpoint (`checkpoint=`: the model is rebuilt from the config stored in it, EMA
+               weights) or a model config (`model=sit_xl2 model.checkpoint=...`)
+    guidance   configs/guidance/<method>.yaml -> erg.guidance.build_guidance (validated up front)
+    samples    index i -> noise from (seed, i) and a condition: class classes[i // per_class] or
+               prompt prompts[i // per_prompt]; every method sees the same (noise, condition) pairs
+    output     data/sample_store.py shards (ADM-style npz or png) + per-sample records, written
+               atomically; config.yaml and guidance.yaml next to them; a rerun skips finished shards
+    ranks      torchrun (RANK / WORLD_SIZE), SLURM (SLURM_PROCID / SLURM_NTASKS) or rank= / world_size=:
+               each rank takes its own shards (no duplicates, no gaps)
+
+`mode=grid` instead samples the same few (noise, class) pairs with several guidance configs and
+writes one image grid (a row per method) for eyeballing.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from models.runtime import ConfigError, build_dataclass, check_kwargs, check_missing, flat_diff, target_of
+
+log = logging.getLogger("erg.sample")
+
+TOP_LEVEL_KEYS = {
+    "checkpoint", "model", "data", "autoencoder", "text_encoder", "guidance", "sampler", "classes", "per_class",
+    "prompts", "per_prompt", "num_samples", "seed", "batch_size", "name", "out_dir", "format", "shard_size", "device",
+    "rank", "world_size", "progress", "mode", "grid", "hydra",
+}  # fmt: skip
+# What decides the images: a rerun into the same out_dir must agree on these.
+IDENTITY_KEYS = (
+    "checkpoint", "model", "data", "autoencoder", "text_encoder", "guidance", "sampler", "classes", "per_class",
+    "prompts", "per_prompt", "num_samples", "seed", "format", "shard_size",
+)  # fmt: skip
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+# --- checks ----------------------------------------------------------------------------------------
+def validate(cfg: DictConfig) -> dict[str, Any]:
+    """Check the whole config before any model is loaded; return it resolved as plain containers."""
+    from erg.guidance import GuidanceConfigError, build_guidance
+    from erg.sampler import SamplerConfig
+
+    check_missing(cfg)
+    unknown = [k for k in cfg if k not in TOP_LEVEL_KEYS]
+    if unknown:
+        raise ConfigError(f"unknown top-level config key(s): {unknown}; valid: {sorted(TOP_LEVEL_KEYS)}")
+    try:
+        container = OmegaConf.to_container(cfg, resolve=True)
+    except Exception as err:
+        raise ConfigError(f"could not resolve the config: {err}") from err
+    container.pop("hydra", None)
+    try:
+        build_guidance(container["guidance"])
+    except GuidanceConfigError as err:
+        raise ConfigError(str(err)) from err
+    build_dataclass(SamplerConfig, container["sampler"], "sampler")
+    if not container.get("checkpoint") and not container.get("model"):
+        raise ConfigError(
+            "nothing to sample: set checkpoint=runs/<name>/checkpoints/last.ckpt (a model trained here) or "
+            "model=<config> model.checkpoint=<file> (e.g. model=sit_xl2 for the SiT-XL/2 release)"
+        )
+    if container.get("checkpoint") and container.get("model"):
+        raise ConfigError(
+            "give either checkpoint=... (a checkpoint of this repo, which carries its model config) or "
+            "model=<config> model.checkpoint=..., not both"
+        )
+    if container.get("model"):
+        check_kwargs(cfg.model, target_of(cfg.model), "model")
+    if container["mode"] not in ("samples", "grid"):
+        raise ConfigError(f"mode must be 'samples' or 'grid', got {container['mode']!r}")
+    if container["format"] not in ("npz", "png"):
+        raise ConfigError(f"format must be 'npz' (ADM layout) or 'png', got {container['format']!r}")
+    for key in ("batch_size", "shard_size", "per_class", "per_prompt"):
+        if not (isinstance(container[key], int) and container[key] >= 1):
+            raise ConfigError(f"{key} must be an integer >= 1, got {container[key]!r}")
+    if container.get("prompts") and container.get("classes") not in (None, "all"):
+        raise ConfigError("give either classes=... or prompts=..., not both")
+    return container
+
+
+# --- model -----------------------------------------------------------------------------------------
+def _instantiate_model(model_cfg: dict[str, Any]) -> torch.nn.Module:
+    from hydra.utils import instantiate
+
+    return instantiate(model_cfg)
+
+
+def load_model(container: dict[str, Any], path: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The model to sample (EMA weights), and what is known about it: {"model": the model config it
+    was built from, "autoencoder": the autoencoder config it was trained with (latent data) or None}.
+
+    `path` (AutoGuidance's weak checkpoint) is read like `checkpoint`: a checkpoint of this repo
+    brings its own config; any other file (DiT/SiT release) gets the main model's architecture.
+    """
+    from models.checkpoints import load_into, read_checkpoint
+
+    path = path or container.get("checkpoint")
+    autoencoder = None
+    if path:
+        ckpt = read_checkpoint(path)
+        stored = ckpt.get("config") if isinstance(ckpt, dict) else None
+        if isinstance(stored, dict) and isinstance(stored.get("data"), dict):
+            autoencoder = stored["data"].get("autoencoder")
+        if isinstance(stored, dict) and "model" in stored:
+            model_cfg = dict(stored["model"])
+        elif container.get("model"):
+            model_cfg = dict(container["model"])
+        else:
+            raise ConfigError(
+                f"{path} carries no model config (not a checkpoint of this repo): also give model=<config> "
+                "(e.g. model=sit_xl2) so the architecture is known"
+            )
+        del ckpt
+        model_cfg["checkpoint"] = None  # weights come from `path` below, not from a training init
+        model = _instantiate_model(model_cfg)
+        load_into(model, path, prefer_ema=True, describe=str(model_cfg.get("_target_")))
+        model_cfg["checkpoint"] = str(path)
+    else:
+        model_cfg = dict(container["model"])
+        model = _instantiate_model(model_cfg)
+    return model.eval().requires_grad_(False), {"model": model_cfg, "autoencoder": autoencoder}
+
+
+def build_decoder(container: dict[str, Any], device: torch.device, stored: dict[str, Any] | None = None) -> Any:
+    """Model space -> images in [-1, 1]: the configured autoencoder's decode, else the one the
+    checkpoint was trained with (its data config), else identity (pixel models)."""
+    config = container.get("autoencoder") or (stored or {}).get("autoencoder")
+    if not config:
+        return lambda x: x
+    from hydra.utils import instantiate
+
+    autoencoder = instantiate(config)
+    if isinstance(autoencoder, torch.nn.Module):
+        autoencoder = autoencoder.to(device).eval()
+    if not hasattr(autoencoder, "decode"):
+        raise ConfigError(f"autoencoder {type(autoencoder).__name__} has no decode(latents) method")
+    return autoencoder.decode
+
+
+def prompts_conditioning(conditioner: torch.nn.Module) -> Any:
+    """A `models.text_encoders.TextConditioner` as the sampler's conditioning: prompts -> {"context",
+    "pooled"} (the MMDiT's inputs), the null condition = every encoder dropped (its unconditional
+    input), C-ERG on the encoders by their config names (e.g. llama3_8b, flan_t5_xl)."""
+    from erg.conditioning import Prompts
+
+    def inputs(cond: Any) -> dict[str, torch.Tensor]:
+        return {"context": cond.context, **({"pooled": cond.pooled} if cond.pooled is not None else {})}
+
+    return Prompts(
+        lambda prompts: inputs(conditioner(prompts)),
+        {name: enc.model for name, enc in conditioner.encoders.items()},
+        noisable=("context",),
+        null=lambda n: inputs(conditioner.unconditional(n)),
+    )
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Images in [-1, 1] (N, C, H, W) -> uint8 (N, H, W, C), as DiT's sample_ddp.py: clamp(127.5 x + 128)."""
+    return torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+# --- what to sample --------------------------------------------------------------------------------
+class Conditions:
+    """Sample index -> condition (class label, prompt or nothing) and its per-sample record."""
+
+    def __init__(self, container: dict[str, Any], model: torch.nn.Module):
+        from erg.sampling import sample_seed
+
+        self.seed_of = lambda i: sample_seed(container["seed"], i)
+        self.labels: list[int] | None = None
+        self.prompts: list[str] | None = None
+        num_classes = getattr(model, "num_classes", 0)
+        if container.get("prompts"):
+            if not container.get("text_encoder") and not callable(getattr(model, "conditioning", None)):
+                raise ConfigError(
+                    f"prompts=... needs a text-to-image model and its text_encoder=...; {type(model).__name__} "
+                    f"is {'class-conditional' if num_classes else 'unconditional'} here (use classes= / num_samples=)"
+                )
+            path = Path(container["prompts"]).expanduser()
+            if not path.is_file():
+                raise ConfigError(f"prompts={path}: no such file (one prompt per line)")
+            self.prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+            if not self.prompts:
+                raise ConfigError(f"prompts={path} holds no prompts")
+            self.per = container["per_prompt"]
+            default_n = len(self.prompts) * self.per
+        elif num_classes:
+            classes = container.get("classes")
+            if classes in (None, "all"):
+                classes = list(range(num_classes))
+            if isinstance(classes, int):
+                classes = [classes]
+            bad = [c for c in classes if not (isinstance(c, int) and 0 <= c < num_classes)]
+            if bad or not classes:
+                raise ConfigError(f"classes must be 'all' or a list of ids in [0, {num_classes}), got {classes!r}")
+            self.labels = list(classes)
+            self.per = container["per_class"]
+            default_n = len(self.labels) * self.per
+        else:
+            if container.get("classes") not in (None, "all"):
+                raise ConfigError("this model is unconditional: drop classes=...")
+            self.per = 1
+            default_n = None
+        n = container.get("num_samples") or default_n
+        if not n or n < 1:
+            raise ConfigError("this model is unconditional: set num_samples=N")
+        self.num_samples = int(n)
+
+    def of(self, indices: range | list[int]) -> list[Any] | None:
+        if self.labels is not None:
+            return [self.labels[(i // self.per) % len(self.labels)] for i in indices]
+        if self.prompts is not None:
+            return [self.prompts[(i // self.per) % len(self.prompts)] for i in indices]
+        return None
+
+    def records(self, indices: range | list[int]) -> list[dict[str, Any]]:
+        conds = self.of(indices)
+        out = []
+        for j, i in enumerate(indices):
+            record: dict[str, Any] = {"index": i, "seed": self.seed_of(i)}
+            if self.labels is not None:
+                record["label"] = conds[j]
+            if self.prompts is not None:
+                record["prompt"] = conds[j]
+            out.append(record)
+        return out
+
+
+def rank_and_world(container: dict[str, Any]) -> tuple[int, int]:
+    """This process' rank: explicit rank/world_size, else torchrun's or SLURM's environment, else 0 of 1."""
+    if container.get("rank") is not None or container.get("world_size") is not None:
+        rank, world = int(container.get("rank") or 0), int(container.get("world_size") or 1)
+    elif "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    elif "SLURM_PROCID" in os.environ and "SLURM_NTASKS" in os.environ:
+        rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+    else:
+        rank, world = 0, 1
+    if world < 1 or not 0 <= rank < world:
+        raise ConfigError(f"invalid rank {rank} for world size {world}")
+    return rank, world
+
+
+def pick_device(container: dict[str, Any]) -> torch.device:
+    name = container.get("device") or "auto"
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        return torch.device("cuda", local % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def build_conditioning(container: dict[str, Any], device: torch.device) -> Any:
+    """The text conditioning of a text-to-image model (text_encoder=...), or None (from the model)."""
+    if not container.get("text_encoder"):
+        return None
+    from hydra.utils import instantiate
+
+    return prompts_conditioning(instantiate(container["text_encoder"]).to(device))
+
+
+def build_sampler(container: dict[str, Any], guidance_cfg: dict[str, Any], model: torch.nn.Module,
+                  conditioning: Any = None) -> Any:  # fmt: skip
+    from erg.guidance import build_guidance
+    from erg.sampler import GuidedSampler, SamplerConfig
+
+    guidance = build_guidance(guidance_cfg)
+    models = {"main": model}
+    if "weak" in guidance.models:
+        weak, _ = load_model(container, path=guidance_cfg["checkpoint"])
+        models["weak"] = weak.to(next(model.parameters()).device)
+    conditionings = {name: conditioning for name in models} if conditioning is not None else None
+    try:
+        return GuidedSampler(guidance, models, conditionings, config=SamplerConfig(**container["sampler"]))
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+
+
+# --- the run ---------------------------------------------------------------------------------------
+def _save_run_config(container: dict[str, Any], out_dir: Path, nfe: int) -> None:
+    """config.yaml (everything) and guidance.yaml next to the samples; refuse to mix other settings."""
+    from models.io import atomic_write_text
+
+    path = out_dir / "config.yaml"
+    identity = {k: container.get(k) for k in IDENTITY_KEYS}
+    if path.is_file():
+        old = OmegaConf.to_container(OmegaConf.load(path))
+        changed = flat_diff({k: old.get(k) for k in IDENTITY_KEYS}, identity)
+        if changed:
+            raise ConfigError(
+                f"{out_dir} already holds samples made with other settings:\n  " + "\n  ".join(changed) + "\n"
+                "Use another out_dir (or the same settings) so existing samples are not mixed."
+            )
+        return
+    run_info = {**container, "nfe": nfe}  # function evaluations per image and step (eval/runs.py reads it)
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(run_info)))
+    atomic_write_text(out_dir / "guidance.yaml", OmegaConf.to_yaml(OmegaConf.create(container["guidance"])))
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Sample (or, with mode=grid, draw a comparison grid); returns a summary."""
+    container = validate(cfg)
+    if container["mode"] == "grid":
+        return run_grid(container)
+
+    from tqdm import tqdm
+
+    from data.sample_store import SampleStore, shards_for_rank
+
+    rank, world = rank_and_world(container)
+    device = pick_device(container)
+    model, info = load_model(container)
+    model = model.to(device)
+    conditions = Conditions(container, model)
+    sampler = build_sampler(container, container["guidance"], model, build_conditioning(container, device))
+    decode = build_decoder(container, device, info)
+
+    out_dir = Path(container["out_dir"]).expanduser()
+    store = SampleStore(out_dir, conditions.num_samples, container["shard_size"], container["format"])
+    try:
+        store.write_layout()
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    _save_run_config(container, out_dir, sampler.guidance.nfe)
+
+    mine = shards_for_rank(store.num_shards, rank, world)
+    todo = store.missing_shards(mine)
+    total = sum(len(store.shard_indices(s)) for s in todo)
+    log.info(
+        "rank %d/%d: %d of its %d shards to sample (%d images), guidance %s (NFE %d), %s",
+        rank, world, len(todo), len(mine), total, sampler.guidance.name, sampler.guidance.nfe, device,
+    )  # fmt: skip
+    bar = tqdm(total=total, unit="img", disable=not container["progress"], desc=f"{sampler.guidance.name}")
+    start, done = time.perf_counter(), 0
+    for shard in todo:
+        indices = store.shard_indices(shard)
+        images = []
+        for lo in range(0, len(indices), container["batch_size"]):
+            batch = indices[lo : lo + container["batch_size"]]
+            x = sampler.sample_indices(batch, conditions.of(batch), base_seed=container["seed"])
+            with torch.no_grad():
+                images.append(to_uint8(decode(x)))
+            bar.update(len(batch))
+            done += len(batch)
+        store.write_shard(shard, np.concatenate(images), conditions.records(indices))
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {
+        "out_dir": str(out_dir),
+        "num_samples": conditions.num_samples,
+        "rank": rank,
+        "world_size": world,
+        "sampled": done,
+        "skipped_shards": len(mine) - len(todo),
+        "seconds": seconds,
+        "images_per_second": done / seconds if done else None,
+        "complete": not store.missing_shards(),
+    }
+
+
+# --- grid mode -------------------------------------------------------------------------------------
+def compose_guidance(entry: str) -> tuple[str, dict[str, Any]]:
+    """A grid entry "erg image.layers=[2,4] scale=2" -> (label, the resolved guidance config)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    name, *overrides = entry.split()
+    overrides = [f"guidance={name}", *(f"guidance.{o}" for o in overrides)]
+    try:
+        if GlobalHydra.instance().is_initialized():
+            cfg = compose(config_name="sample", overrides=overrides)
+        else:
+            with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+                cfg = compose(config_name="sample", overrides=overrides)
+    except Exception as err:
+        raise ConfigError(f"grid entry {entry!r}: {err}") from err
+    return entry, OmegaConf.to_container(cfg.guidance, resolve=True)
+
+
+def run_grid(container: dict[str, Any]) -> dict[str, Any]:
+    """Rows = guidance configs (grid.methods), columns = the same (noise, class) pairs."""
+    from PIL import Image, ImageDraw
+
+    from models.io import image_grid, save_image
+
+    grid_cfg = container["grid"]
+    device = pick_device(container)
+    model, info = load_model(container)
+    model = model.to(device)
+    decode = build_decoder(container, device, info)
+    conditioning = build_conditioning(container, device)
+    n = int(grid_cfg["per_row"])
+    num_classes = getattr(model, "num_classes", 0)
+    if container.get("prompts"):  # text-to-image: one prompt per column, wrapping
+        prompts = Conditions(container, model).prompts
+        labels = [prompts[j % len(prompts)] for j in range(n)]
+    else:
+        classes = grid_cfg.get("classes") or (list(range(num_classes)) if num_classes else None)
+        labels = [classes[j % len(classes)] for j in range(n)] if classes else None
+    rows, names = [], []
+    for entry in grid_cfg["methods"]:
+        label, guidance_cfg = compose_guidance(entry)
+        sampler = build_sampler(container, guidance_cfg, model, conditioning)
+        x = sampler.sample_indices(range(n), labels, base_seed=container["seed"])
+        rows.append(decode(x).float().cpu())
+        names.append(label)
+        log.info("grid row: %s", label)
+    grid = image_grid(torch.cat(rows), nrow=n, min_size=64)  # (H, W, C) uint8
+    # a left margin with each row's method
+    row_h = grid.shape[0] // len(rows)
+    shown = [s if len(s) <= 28 else s[:27] + "..." for s in names]  # full names: the log and the summary
+    margin = 8 + 6 * max(len(s) for s in shown)
+    canvas = Image.new("RGB", (grid.shape[1] + margin, grid.shape[0]), "white")
+    canvas.paste(Image.fromarray(grid.numpy()).convert("RGB"), (margin, 0))
+    draw = ImageDraw.Draw(canvas)
+    for r, name in enumerate(shown):
+        draw.text((4, r * row_h + row_h // 2 - 5), name, fill="black")
+    path = Path(grid_cfg["path"]).expanduser()
+    save_image(path, torch.from_numpy(np.array(canvas)))
+    return {"grid": str(path), "methods": names, "per_row": n}
