@@ -42,7 +42,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.sample_store import SampleStore
 from eval.records import METRICS_FILE, read_records
-from models.runtime import ConfigError
+from models.runtime import ConfigError, check_missing
 
 log = logging.getLogger("erg.sweep")
 
@@ -100,6 +100,8 @@ def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
 def _name_part(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "_".join(_name_part(v) for v in value)
+    if isinstance(value, str) and "/" in value:  # a path: its file name (two of the same name would clash)
+        return Path(value).name
     return str(value)
 
 
@@ -189,6 +191,7 @@ def _container(node: Any) -> Any:
 
 def validate(cfg: DictConfig) -> list[Point]:
     """Check the sweep config; returns the points it names."""
+    check_missing(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), "python scripts/sweep.py")
     unknown = [k for k in cfg if k not in TOP_LEVEL_KEYS]
     if unknown:
         raise ConfigError(f"unknown top-level sweep key(s): {unknown}; valid: {sorted(TOP_LEVEL_KEYS)}")

@@ -81,7 +81,7 @@ def _checkpoint_callbacks(
         )
     ]
     if at_fractions:
-        callbacks.append(CheckpointAtFractions(dirpath, list(at_fractions)))
+        callbacks.append(CheckpointAtFractions(dirpath, list(at_fractions), every_n_steps))
     return callbacks
 
 

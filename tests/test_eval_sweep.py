@@ -227,3 +227,26 @@ def test_slurm_array_launcher_composes():
     assert launcher._target_.endswith("SlurmLauncher")
     points = cfg.hydra.sweeper.params.point.split(",")
     assert points == [p.name for p in expand_grid(compose("sweep").grid, ["cfg", "erg"])]
+
+
+@pytest.mark.parametrize("setting", sorted(p.stem for p in (CONFIGS / "sweeps").glob("*.yaml")))
+def test_every_sweep_setting_composes_and_its_points_pass_their_checks(setting, tmp_path):
+    """configs/sweeps/*: every point's sample.py and evaluate.py configs compose and pass their own checks."""
+    from eval.sweep import _check, point_configs, validate
+
+    required = [
+        "sample.model.checkpoint=/w/SiT-XL-2-256x256.pt", "sample.autoencoder.path=/w/sd-vae-ft-ema",
+        "evaluate.reference.path=/d/VIRTUAL_imagenet256_labeled.npz", "evaluate.features.weights=/w/inception.pth",
+        "grid.autoguidance.checkpoint=/w/weak.ckpt",
+    ]  # fmt: skip
+    extra = required if setting == "imagenet256" else []
+    if extra:
+        with pytest.raises(ConfigError, match=r"missing required .*sample\.model\.checkpoint.*`python scripts/sweep"):
+            validate(compose("sweep", [f"sweeps={setting}"]))
+    cfg = compose("sweep", [f"sweeps={setting}", f"sweep_dir={tmp_path}", *extra])
+    points = validate(cfg)
+    assert {p.method for p in points} >= {"none", "cfg", "apg", "cads", "pag", "sag", "seg", "autoguidance", "i_erg",
+                                          "erg", "erg_apg", "erg_cads"}  # fmt: skip
+    for point in points:
+        container = _check(point, *point_configs(cfg, point))
+        assert container["guidance"]["name"] == point.method
