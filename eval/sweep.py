@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from data.sample_store import SampleStore
@@ -48,13 +49,17 @@ log = logging.getLogger("erg.sweep")
 
 __all__ = [
     "Point",
+    "check_point",
+    "evaluate_config",
     "expand_grid",
     "override_value",
+    "point_configs",
     "point_name",
     "print_report",
     "register_resolvers",
     "run",
     "run_point",
+    "sample_config",
     "samples_complete",
     "to_overrides",
     "write_sweep_report",
@@ -281,7 +286,7 @@ def run_point(
     return {**done, "records": read_records(run_dir / METRICS_FILE)}
 
 
-def _check(point: Point, sample_cfg: DictConfig, eval_cfg: DictConfig) -> dict[str, Any]:
+def check_point(point: Point, sample_cfg: DictConfig, eval_cfg: DictConfig) -> dict[str, Any]:
     """sample.py's and evaluate.py's own checks of the point's configs; returns the resolved sample config."""
     from eval.evaluate import validate as validate_evaluation
     from models.generation import rank_and_world
@@ -306,17 +311,20 @@ def _run_one(cfg: DictConfig, point: Point, sample_cfg: DictConfig, eval_cfg: Di
     from eval.evaluate import settings_digest
     from models.generation import run as sample_run
 
-    container = _check(point, sample_cfg, eval_cfg)
+    container = check_point(point, sample_cfg, eval_cfg)
     digest = settings_digest(eval_cfg)
     started = time.perf_counter()
-    result = run_point(
-        Path(str(cfg.sweep_dir)) / point.name,
-        container,
-        sample=lambda run_dir, config: sample_run(sample_cfg),
-        evaluate=lambda run_dir: evaluate_run(eval_cfg),
-        current=lambda record: record.get("settings") == digest,
-        force_eval=bool(cfg.get("force_eval")),
-    )
+    try:
+        result = run_point(
+            Path(str(cfg.sweep_dir)) / point.name,
+            container,
+            sample=lambda run_dir, config: sample_run(sample_cfg),
+            evaluate=lambda run_dir: evaluate_run(eval_cfg),
+            current=lambda record: record.get("settings") == digest,
+            force_eval=bool(cfg.get("force_eval")),
+        )
+    except ConfigError as err:  # e.g. the folder holds samples of other settings
+        raise ConfigError(f"point {point.name}: {err}\nIn a sweep: give it another sweep_dir=...") from err
     result["seconds"] = time.perf_counter() - started
     record = next((r for r in result["records"].values() if r.get("settings") == digest), None)
     result["metrics"] = record["metrics"] if record else {}
@@ -345,7 +353,7 @@ def run(cfg: DictConfig, on_point: Callable[[int, int, Point, dict[str, Any]], N
         return {"points": {name: result}}
     plans = [(p, *point_configs(cfg, p)) for p in points]
     for point, sample_cfg, eval_cfg in plans:  # every point checked before any runs
-        _check(point, sample_cfg, eval_cfg)
+        check_point(point, sample_cfg, eval_cfg)
     results = {}
     for i, (point, sample_cfg, eval_cfg) in enumerate(plans):
         results[point.name] = _run_one(cfg, point, sample_cfg, eval_cfg)
@@ -395,13 +403,7 @@ def print_report(report: Any, paths: dict[str, Path]) -> None:
     print("\nwritten: " + ", ".join(str(p) for p in paths.values()))
 
 
-try:  # Hydra's callback base class (hydra-core >= 1.1)
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover
-    _HydraCallback = object
-
-
-class ReportAfterMultirun(_HydraCallback):
+class ReportAfterMultirun(Callback):
     """configs/sweep.yaml's hydra.callbacks: after every job of `scripts/sweep.py -m` has finished (locally,
     or the whole SLURM array: the submitit launcher waits for it), write and print the sweep's report."""
 

@@ -232,7 +232,7 @@ def test_slurm_array_launcher_composes():
 @pytest.mark.parametrize("setting", sorted(p.stem for p in (CONFIGS / "sweeps").glob("*.yaml")))
 def test_every_sweep_setting_composes_and_its_points_pass_their_checks(setting, tmp_path):
     """configs/sweeps/*: every point's sample.py and evaluate.py configs compose and pass their own checks."""
-    from eval.sweep import _check, point_configs, validate
+    from eval.sweep import check_point, point_configs, validate
 
     required = [
         "sample.model.checkpoint=/w/SiT-XL-2-256x256.pt", "sample.autoencoder.path=/w/sd-vae-ft-ema",
@@ -248,5 +248,5 @@ def test_every_sweep_setting_composes_and_its_points_pass_their_checks(setting, 
     assert {p.method for p in points} >= {"none", "cfg", "apg", "cads", "pag", "sag", "seg", "autoguidance", "i_erg",
                                           "erg", "erg_apg", "erg_cads"}  # fmt: skip
     for point in points:
-        container = _check(point, *point_configs(cfg, point))
+        container = check_point(point, *point_configs(cfg, point))
         assert container["guidance"]["name"] == point.method

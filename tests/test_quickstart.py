@@ -4,9 +4,12 @@ tiny feature net, 2 methods x 2 settings of 10 digits; then a rerun that redoes 
 from __future__ import annotations
 
 import re
+from types import SimpleNamespace
 
+import pytest
 import torch
 
+from models.callbacks import CheckpointAtFractions
 from tests.conftest import TINY_MODEL, small_run_overrides
 
 
@@ -47,3 +50,16 @@ def test_quickstart_trains_sweeps_and_prints_the_table(tmp_path, capsys):
     assert "already trained: step 16" in out
     assert not any(r["sampled"] or r["evaluated"] for r in second["points"].values())
     assert second["report"].markdown == first["report"].markdown and second["real"] == first["real"]
+
+
+def test_checkpoints_at_fractions_of_training(tmp_path):
+    """checkpoint.at_fractions: step int(f x max_steps) (at least 1); steps the periodic checkpoints write are
+    left to them; bad fractions are refused."""
+    callback = CheckpointAtFractions(tmp_path, [0.0625, 0.25], every_n_steps=250)
+    callback.on_train_start(SimpleNamespace(max_steps=1000))
+    assert callback.steps == {62}  # step 250 is a periodic checkpoint already
+    callback = CheckpointAtFractions(tmp_path, [0.0625, 0.25], every_n_steps=0)
+    callback.on_train_start(SimpleNamespace(max_steps=8))
+    assert callback.steps == {1, 2}
+    with pytest.raises(ValueError, match=r"at_fractions must hold numbers in \(0, 1\)"):
+        CheckpointAtFractions(tmp_path, [1.5])
