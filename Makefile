@@ -12,9 +12,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[$(EXTRAS)]"
 	touch $@
 
-## Train a small DiT on the bundled handwritten digits (CPU, minutes), save sample grids.
+## Train a small DiT on the bundled handwritten digits, sample and evaluate every guidance method,
+## print the paper-style table (CPU; every step resumable, a rerun takes seconds). scripts/quickstart.py
 quickstart: $(VENV)/.installed
-	$(PY) train.py
+	$(PY) scripts/quickstart.py
 
 ## The default test suite (fast, CPU); CI runs exactly this through .ci/run.
 test: $(VENV)/.installed

@@ -33,7 +33,7 @@ TOP_LEVEL_KEYS = {
     "hydra",
 }  # fmt: skip
 
-__all__ = ["IMAGE_METRICS", "TEXT_METRICS", "output_path", "run", "validate"]
+__all__ = ["IMAGE_METRICS", "TEXT_METRICS", "output_path", "run", "settings_digest", "validate"]
 
 
 # --- config ----------------------------------------------------------------------------------------
@@ -73,6 +73,45 @@ def validate(cfg: DictConfig) -> list[str]:
     except ValueError as err:
         raise ConfigError(str(err)) from err
     return metrics
+
+
+# What decides the numbers of an evaluation (the rest: batch sizes, workers, device, cache, logging, where
+# the record goes, does not). Text scorers count only where their metric is requested.
+SETTINGS_KEYS = ("reference", "data", "features", "protocol", "metrics", "fid_method", "prdc.k")
+RUNTIME_KEYS = ("batch_size", "device", "cache_dir")
+
+
+def settings_digest(cfg: DictConfig) -> str:
+    """A short hash of the settings that decide an evaluation's numbers, stored in its record as
+    `settings`: a sweep re-evaluates a point only when no record of its metrics.json carries the digest
+    of the current settings (eval/sweep.py). Files the settings name (feature weights, a reference
+    file) count by content, so retraining the digits feature net in place is noticed."""
+    import hashlib
+    import json
+
+    from eval.features import file_hash
+
+    register_resolvers()
+
+    def resolved(node: Any) -> Any:  # sub-nodes resolve against the whole config (e.g. data.seed: ${seed})
+        return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+
+    settings = {key: resolved(OmegaConf.select(cfg, key)) for key in SETTINGS_KEYS}
+    for name in TEXT_METRICS:
+        if name in cfg.metrics:
+            settings[name] = {k: v for k, v in resolved(cfg[name]).items() if k not in RUNTIME_KEYS}
+
+    def files(node: Any) -> list[str]:
+        if isinstance(node, dict):
+            return [f for v in node.values() for f in files(v)]
+        if isinstance(node, list):
+            return [f for v in node for f in files(v)]
+        if isinstance(node, str) and node and Path(node).expanduser().is_file():
+            return [f"{node}:{file_hash(Path(node).expanduser())}"]
+        return []
+
+    text = json.dumps({"settings": settings, "files": files(settings)}, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def _device(name: str) -> torch.device:
@@ -215,7 +254,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             prdc = compute_prdc(reference.features, fake, k=k, chunk_size=chunk, real_radii=real_radii, device=device)
             values.update({m: v for m, v in prdc.as_dict().items() if m in image_metrics})
             extra["prdc_k"] = k
-        protocols.update(dict.fromkeys(values, key))
+        # k changes precision / recall / density / coverage: part of their protocol (never mixed in a table)
+        protocols.update({m: f"{key}__k{cfg.prdc.k}" if m in PRDC_METRICS else key for m in values})
         extra.update(
             reference=reference.identity, feature_space=reference.feature_space, num_reference=reference.stats.n
         )
@@ -236,6 +276,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "samples": str(Path(str(cfg.samples)).expanduser().resolve()),
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "seconds": round(time.time() - started, 2),
+        "settings": settings_digest(cfg),
         **extra,
     }
     write_record(out_path, record)

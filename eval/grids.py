@@ -1,4 +1,5 @@
-"""Image grids of the same seeds across methods: one row per run, one column per sample index.
+"""Image grids of the same seeds across methods: one row per run, one column per sample index (spread
+evenly over the samples, so class-ordered samples show one column per class).
 
 Samples are paired across methods (sample i's noise depends only on (seed, i)), so column j shows what
 each method makes of the same noise and condition. The records' seeds and labels/prompts are checked:
@@ -16,19 +17,24 @@ from PIL import Image, ImageDraw
 from data.sample_store import SampleStore
 from models.io import atomic_write_bytes
 
-__all__ = ["first_samples", "method_grid"]
+__all__ = ["method_grid", "spread_samples"]
 
 
-def first_samples(root: str | Path, num: int) -> tuple[np.ndarray, list[dict]]:
-    """The first `num` samples (uint8 NHWC) of a sample folder, with their records."""
+def spread_samples(root: str | Path, num: int) -> tuple[np.ndarray, list[dict]]:
+    """`num` samples (uint8 NHWC) spread evenly over a sample folder's indices, with their records: sample.py
+    orders samples by class (index i -> classes[i // per_class]), so num = the number of classes gives one
+    column per class."""
     store = SampleStore.open(root)
+    n = store.num_samples
+    wanted = sorted({(j * n) // min(num, n) for j in range(min(num, n))})
     images, records = [], []
-    for shard in range(store.num_shards):
-        if sum(map(len, images)) >= num:
-            break
-        images.append(store.read_images(shard))
-        records += store.read_records(shard)
-    return np.concatenate(images)[:num], records[:num]
+    for shard in sorted({i // store.shard_size for i in wanted}):
+        start = shard * store.shard_size
+        rows = [i - start for i in wanted if i // store.shard_size == shard]
+        shard_images, shard_records = store.read_images(shard), store.read_records(shard)
+        images.append(shard_images[rows])
+        records += [shard_records[r] for r in rows]
+    return np.concatenate(images), records
 
 
 def _pairing(records: list[dict]) -> list[tuple]:
@@ -39,7 +45,7 @@ def method_grid(rows: list[tuple[str, str | Path]], path: str | Path, num: int =
     """rows: [(label, sample folder)] -> PNG grid; images enlarged (nearest) to at least `min_size` px."""
     if not rows:
         raise ValueError("no runs to show")
-    loaded = [(label, *first_samples(folder, num)) for label, folder in rows]
+    loaded = [(label, *spread_samples(folder, num)) for label, folder in rows]
     ref_label, ref_images, ref_records = loaded[0]
     for label, images, records in loaded[1:]:
         if images.shape[1:] != ref_images.shape[1:] or len(images) != len(ref_images):

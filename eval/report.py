@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.ranking import RankedRun, best_per_method, rank_runs
-from eval.records import select_metrics
+from eval.records import METRICS_FILE, select_metrics
 from eval.runs import Run, find_runs
 from eval.tables import (
     COMBINATIONS,
@@ -45,6 +45,8 @@ class ReportOptions:
     params: list[str] = field(default_factory=list)  # config keys shown as rows of the ablation layout
     nfe: dict[str, int] = field(default_factory=dict)  # method -> NFE, where the configs do not say
     nfe_column: bool = True
+    runs: list[str] | None = None  # only these runs (sub-folder names); default: every run of the folder
+    settings: str | None = None  # only records of these evaluation settings (eval.evaluate.settings_digest)
 
 
 @dataclass
@@ -71,6 +73,14 @@ def _nfe(run: Run, overrides: dict[str, int]) -> int | None:
 def build_report(sweep: str | Path, opts: ReportOptions | None = None) -> Report:
     opts = opts or ReportOptions()
     runs = find_runs(sweep, opts.method_key)
+    if opts.runs is not None:
+        missing = sorted(set(opts.runs) - {r.name for r in runs})
+        if missing:
+            raise FileNotFoundError(f"no {METRICS_FILE} for run(s) {missing[:5]} under {sweep}: evaluate them first")
+        runs = [r for r in runs if r.name in set(opts.runs)]
+    if opts.settings is not None:
+        for r in runs:
+            r.records = {k: rec for k, rec in r.records.items() if rec.get("settings") == opts.settings}
     values, protocols = select_metrics({r.name: r.records for r in runs}, opts.metrics, opts.match)
     metrics = [m for m in METRIC_ORDER if m in protocols] + [m for m in protocols if m not in METRIC_ORDER]
     if not metrics:

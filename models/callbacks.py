@@ -1,4 +1,4 @@
-"""Training callbacks: sample grids from the EMA weights during training."""
+"""Training callbacks: sample grids from the EMA weights during training; checkpoints at chosen steps."""
 
 from __future__ import annotations
 
@@ -13,7 +13,37 @@ from erg.guidance import build_guidance
 from erg.sampler import GuidedSampler, SamplerConfig
 from models.io import image_grid, save_image
 
-__all__ = ["SampleGrid"]
+__all__ = ["CheckpointAtFractions", "SampleGrid"]
+
+
+class CheckpointAtFractions(L.Callback):
+    """A full checkpoint `<dirpath>/step_XXXXXXX.ckpt` (ModelCheckpoint's naming) when training reaches
+    the given fractions of `trainer.max_steps` (step = int(fraction x max_steps), at least 1): e.g.
+    AutoGuidance's weak model, which the ERG paper takes at ~1/16 of training. Steps the periodic
+    checkpoints already write (multiples of `every_n_steps`) are left to them; steps already passed when
+    a run resumes are not revisited."""
+
+    def __init__(self, dirpath: str | Path, fractions: list[float], every_n_steps: int = 0):
+        bad = [f for f in fractions if not (isinstance(f, int | float) and 0 < f < 1)]
+        if bad:
+            raise ValueError(f"checkpoint.at_fractions must hold numbers in (0, 1), got {list(fractions)}")
+        self.dirpath = Path(dirpath)
+        self.fractions = list(fractions)
+        self.every_n_steps = every_n_steps
+        self.steps: set[int] = set()
+        self._saved: set[int] = set()
+
+    def on_train_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.max_steps is None or trainer.max_steps < 1:
+            raise ValueError("checkpoint.at_fractions needs trainer.max_steps (training is counted in steps)")
+        steps = {max(1, int(f * trainer.max_steps)) for f in self.fractions}
+        self.steps = {s for s in steps if not (self.every_n_steps > 0 and s % self.every_n_steps == 0)}
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:
+        step = trainer.global_step  # counts optimizer steps: gradient accumulation repeats a value
+        if step in self.steps and step not in self._saved and not trainer.sanity_checking:
+            self._saved.add(step)
+            trainer.save_checkpoint(self.dirpath / f"step_{step:07d}.ckpt")  # every rank calls it; rank 0 writes
 
 
 class SampleGrid(L.Callback):

@@ -287,24 +287,33 @@ def build_sampler(container: dict[str, Any], guidance_cfg: dict[str, Any], model
 
 
 # --- the run ---------------------------------------------------------------------------------------
+def check_run_config(container: dict[str, Any], out_dir: str | Path) -> None:
+    """Refuse an out_dir whose config.yaml was written with other settings that decide the images
+    (IDENTITY_KEYS); nothing to check where no config.yaml exists yet. Sweeps call this before
+    deciding that a point is done (eval/sweep.py)."""
+    path = Path(out_dir) / "config.yaml"
+    if not path.is_file():
+        return
+    old = OmegaConf.to_container(OmegaConf.load(path))
+    changed = flat_diff({k: old.get(k) for k in IDENTITY_KEYS}, {k: container.get(k) for k in IDENTITY_KEYS})
+    if changed:
+        raise ConfigError(
+            f"{out_dir} already holds samples made with other settings:\n  " + "\n  ".join(changed) + "\n"
+            "Use another out_dir (or the same settings) so existing samples are not mixed."
+        )
+
+
 def _save_run_config(container: dict[str, Any], out_dir: Path, nfe: int) -> None:
-    """config.yaml (everything) and guidance.yaml next to the samples; refuse to mix other settings."""
+    """config.yaml (everything) and guidance.yaml next to the samples; refuse to mix other settings.
+    The one writer of a sample folder's config.yaml (sweeps included)."""
     from models.io import atomic_write_text
 
-    path = out_dir / "config.yaml"
-    identity = {k: container.get(k) for k in IDENTITY_KEYS}
-    if path.is_file():
-        old = OmegaConf.to_container(OmegaConf.load(path))
-        changed = flat_diff({k: old.get(k) for k in IDENTITY_KEYS}, identity)
-        if changed:
-            raise ConfigError(
-                f"{out_dir} already holds samples made with other settings:\n  " + "\n  ".join(changed) + "\n"
-                "Use another out_dir (or the same settings) so existing samples are not mixed."
-            )
+    check_run_config(container, out_dir)
+    if (out_dir / "config.yaml").is_file():
         return
     run_info = {**container, "nfe": nfe}  # function evaluations per image and step (eval/runs.py reads it)
-    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(run_info)))
     atomic_write_text(out_dir / "guidance.yaml", OmegaConf.to_yaml(OmegaConf.create(container["guidance"])))
+    atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(run_info)))
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:

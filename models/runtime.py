@@ -43,14 +43,14 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("class_count", count_class_folders)
 
 
-def check_missing(cfg: DictConfig) -> None:
+def check_missing(cfg: DictConfig, command: str = "python train.py") -> None:
     """Fail early, naming every required value (`???`) left unset."""
     missing = sorted(_missing_keys(cfg))
     if missing:
         example = " ".join(f"{k}=..." for k in missing)
         raise ConfigError(
             f"missing required config value(s): {', '.join(missing)}. Set them on the command line, "
-            f"e.g. `python train.py {example}`"
+            f"e.g. `{command} {example}`"
         )
 
 

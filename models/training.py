@@ -55,23 +55,34 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     for key, cls in (("flow", FlowConfig), ("optim", OptimConfig), ("ema", EMAConfig)):
         build_dataclass(cls, cfg.get(key), key)
     check_kwargs(cfg.samples, SampleGrid.__init__, "samples", ignore=("out_dir",))
-    check_kwargs(cfg.checkpoint, _checkpoint_callback, "checkpoint", ignore=("dirpath",))
+    check_kwargs(cfg.checkpoint, _checkpoint_callbacks, "checkpoint", ignore=("dirpath",))
     container.pop("hydra", None)
     return container
 
 
-def _checkpoint_callback(dirpath: Path, every_n_steps: int = 1000, save_last: bool = True) -> Any:
+def _checkpoint_callbacks(
+    dirpath: Path, every_n_steps: int = 1000, save_last: bool = True, at_fractions: list[float] | None = None
+) -> list[Any]:
+    """step_<n>.ckpt every `every_n_steps` (+ last.ckpt), and at the given fractions of training (e.g.
+    1/16: AutoGuidance's weak model)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    return ModelCheckpoint(
-        dirpath=dirpath,
-        filename="step_{step:07d}",
-        auto_insert_metric_name=False,
-        every_n_train_steps=every_n_steps,
-        save_top_k=-1,
-        save_last=save_last,
-        save_on_train_epoch_end=False,
-    )
+    from models.callbacks import CheckpointAtFractions
+
+    callbacks: list[Any] = [
+        ModelCheckpoint(
+            dirpath=dirpath,
+            filename="step_{step:07d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=every_n_steps,
+            save_top_k=-1,
+            save_last=save_last,
+            save_on_train_epoch_end=False,
+        )
+    ]
+    if at_fractions:
+        callbacks.append(CheckpointAtFractions(dirpath, list(at_fractions), every_n_steps))
+    return callbacks
 
 
 def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
@@ -83,7 +94,7 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
     if cfg.trainer.get("enable_progress_bar", True):
         callbacks.append(TQDMProgressBar(refresh_rate=cfg.progress_refresh_rate))
     if not cfg.trainer.get("fast_dev_run"):  # a smoke run writes nothing
-        callbacks.append(_checkpoint_callback(run_dir / "checkpoints", **cfg.checkpoint))
+        callbacks += _checkpoint_callbacks(run_dir / "checkpoints", **cfg.checkpoint)
         callbacks.append(SampleGrid(out_dir=run_dir / "samples", **cfg.samples))
     if cfg.get("logger"):
         callbacks.append(LearningRateMonitor(logging_interval="step"))

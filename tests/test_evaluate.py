@@ -84,7 +84,9 @@ def test_end_to_end_matches_a_direct_computation(tmp_path, digits_net, digits):
     (record,) = records.values()
     assert record["metrics"] == rec["metrics"]
     space = f"{ext.identity}__asis"
-    assert set(record["protocols"].values()) == {f"{rec['reference']}__{space}"}
+    key = f"{rec['reference']}__{space}"
+    # FID's protocol is reference + feature space; PRDC's adds k (a different k is a different metric)
+    assert record["protocols"] == {"fid": key, **{m: f"{key}__k3" for m in prdc}}
     # the cache is named by reference, extractor identity and protocol; the radii sit next to it
     (cached,) = [p for p in (tmp_path / "cache").glob("*.npz") if ".radii-" not in p.name]
     assert cached.name == f"{rec['reference']}__{space}.npz" and rec["reference"].startswith("data-digits-val-")
@@ -132,11 +134,15 @@ def test_another_protocol_adds_a_record_instead_of_overwriting(tmp_path, digits_
     feats = ["features=digits", f"features.weights={digits_net}"]
     evaluate(tmp_path, f"samples={samples}", "data=digits", *feats)
     evaluate(tmp_path, f"samples={samples}", "data=digits", *feats, "protocol.mode=resize", "protocol.size=32")
-    evaluate(tmp_path, f"samples={samples}", "data=digits", *feats, "metrics=[fid]")  # same protocol: replaces
+    first = read_records(samples / "metrics.json")
+    evaluate(tmp_path, f"samples={samples}", "data=digits", *feats)  # the same protocol again: replaces
     records = read_records(samples / "metrics.json")
-    assert len(records) == 2
-    assert sorted(len(r["metrics"]) for r in records.values()) == [1, 5]  # resize32 keeps all five
+    assert len(records) == 2 and set(records) == set(first)
+    assert [len(r["metrics"]) for r in records.values()] == [5, 5]
     assert any("resize32" in key for key in records) and any("asis" in key for key in records)
+    evaluate(tmp_path, f"samples={samples}", "data=digits", *feats, "prdc.k=5")  # PRDC's k is part of the protocol
+    records = read_records(samples / "metrics.json")
+    assert len(records) == 3 and any(key.endswith("__k5") for key in records)
     assert sorted((tmp_path / "cache").glob("*resize32.npz"))
 
 
