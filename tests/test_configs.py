@@ -26,6 +26,9 @@ def _required(group: str, option: str, tmp_path: Path) -> list[str]:
         return [f"data.root={root}"]
     if group == "model" and option == "sit_xl2":
         return ["model.checkpoint=/path/to/SiT-XL-2-256x256.pt"]
+    if group == "model" and option.startswith("mmdit"):  # text-to-image: its encoders and grid prompts
+        encoders = "sd3" if option == "mmdit_sd3_d24" else "minilm" if option == "mmdit_quickstart" else "llama3_t5"
+        return [f"text_encoder={encoders}", "samples.prompts=[a cat]"]
     if group == "data" and option.endswith("_shards"):
         return ["data.shards=/data/shards", "data.autoencoder.path=/models/vae"][
             : 2 if option == "latent_shards" else 1
