@@ -89,9 +89,16 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
 
 # --- model -----------------------------------------------------------------------------------------
 def _instantiate_model(model_cfg: dict[str, Any]) -> torch.nn.Module:
+    """The model; its own errors (missing weights, bad sizes) surface as they are, not wrapped by Hydra."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    return instantiate(model_cfg)
+    try:
+        return instantiate(model_cfg)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError | FileNotFoundError):
+            raise err.__cause__ from None
+        raise
 
 
 def load_model(container: dict[str, Any], path: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
