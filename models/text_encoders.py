@@ -511,13 +511,13 @@ class TextConditioner(nn.Module):
         for key, declared, actual in (("context_dim", context_dim, self.context_dim),
                                       ("pooled_dim", pooled_dim, self.pooled_dim)):  # fmt: skip
             if declared is not None and declared != actual:
+                widths = ", ".join(f"{n}: {e.hidden_size} / pooled {e.pooled_size}" for n, e in self.encoders.items())
                 raise ValueError(
-                    f"text_encoder.{key}={declared} but its encoders give {actual} ({layout} layout of "
-                    f"{', '.join(f'{n}: {e.hidden_size} / pooled {e.pooled_size}' for n, e in self.encoders.items())}): "
+                    f"text_encoder.{key}={declared} but its encoders give {actual} ({layout} layout of {widths}): "
                     f"set text_encoder.{key}={actual} (model.{key} follows it)"
                 )
         self.cache_size = int(cache_size)
-        self._cache: dict[str, OrderedDict[str, tuple[Tensor, Tensor, Tensor]]] = {n: OrderedDict() for n in encoders}
+        self._cache: dict[str, OrderedDict] = {name: OrderedDict() for name in encoders}  # prompt -> rows
         # The null encodings, computed once (frozen encoders); buffers follow .to(device / dtype) and are
         # not saved in checkpoints.
         for name, enc in self.encoders.items():

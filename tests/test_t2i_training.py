@@ -57,10 +57,10 @@ def test_captions_pair_every_image_with_every_template():
 
 
 def test_the_text_encoder_is_frozen_and_not_in_checkpoints(trained):
-    run_dir, summary = trained
+    run_dir, _ = trained
     ckpt = _ckpt(run_dir / "checkpoints" / "last.ckpt")
     keys = list(ckpt["state_dict"])
-    assert all(k.startswith(("model.", "ema.")) for k in keys), [k for k in keys if not k.startswith(("model.", "ema."))]
+    assert [k for k in keys if not k.startswith(("model.", "ema."))] == []
     model_keys = sorted(k[len("model.") :] for k in keys if k.startswith("model."))
     assert model_keys == sorted(k[len("ema.") :] for k in keys if k.startswith("ema."))  # the EMA holds the MMDiT only
     assert not any("encoder.layer" in k or "minilm" in k for k in keys)
@@ -128,7 +128,7 @@ def test_sample_py_rebuilds_the_text_encoder_from_the_checkpoint(trained, tmp_pa
     from data.sample_store import SampleStore
     from models.generation import run as sample
 
-    run_dir, summary = trained
+    _, summary = trained
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a handwritten three\nthe digit 8\n")
     base = [f"checkpoint={summary['last_checkpoint']}", "sampler.steps=2", "progress=false"]

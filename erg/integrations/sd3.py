@@ -150,9 +150,7 @@ class SD3Denoiser(nn.Module):
     decode_batch: images decoded per VAE call (1024px decoding is memory-hungry).
     """
 
-    def __init__(
-        self, pipe: Any, resolution: int | None = None, max_sequence_length: int = 256, decode_batch: int = 4
-    ):
+    def __init__(self, pipe: Any, resolution: int | None = None, max_sequence_length: int = 256, decode_batch: int = 4):
         super().__init__()
         self.pipe = pipe  # not a Module: its components are registered below, so .to() moves them all
         self.transformer = pipe.transformer
@@ -273,7 +271,6 @@ def load_sd3(
     pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
     return SD3Denoiser(pipe, resolution=resolution, max_sequence_length=max_sequence_length, decode_batch=decode_batch)
-
 
 
 # --- the pipeline's own loop -----------------------------------------------------------------------------
