@@ -72,6 +72,7 @@ def test_the_text_encoder_is_frozen_and_not_in_checkpoints(trained):
     stored = ckpt["config"]["text_encoder"]  # the encoder's config instead of its weights
     assert stored["_target_"] == "models.text_encoders.TextConditioner" and "minilm" in stored["encoders"]
     assert ckpt["config"]["model"]["context_dim"] == stored["context_dim"] == 384
+    assert list((run_dir / "samples").glob("step_0000004.png"))  # the final grid: a row per samples.prompts
 
 
 def test_frozen_weights_do_not_move_and_captions_drop_per_encoder():
