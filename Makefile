@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= all
 
-.PHONY: quickstart test test-slow lint format clean-venv
+.PHONY: quickstart quickstart-t2i test test-slow lint format clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,11 @@ $(VENV)/.installed: pyproject.toml
 ## print the paper-style table (CPU; every step resumable, a rerun takes seconds). scripts/quickstart.py
 quickstart: $(VENV)/.installed
 	$(PY) scripts/quickstart.py
+
+## Text-to-image: a small MMDiT + the real MiniLM encoder on captioned digits, then a grid of
+## no guidance / CFG / C-ERG / I-ERG / ERG samples (CPU, offline, minutes).
+quickstart-t2i: $(VENV)/.installed
+	$(PY) scripts/quickstart_t2i.py
 
 ## The default test suite (fast, CPU); CI runs exactly this through .ci/run.
 test: $(VENV)/.installed

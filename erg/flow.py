@@ -20,6 +20,7 @@ from torch import Tensor
 
 __all__ = [
     "eps_from_velocity",
+    "flow_match_euler_times",
     "from_diffusers_velocity",
     "from_diffusion_time",
     "interpolate",
@@ -112,6 +113,37 @@ def time_grid(
     if shift != 1.0:
         t = shift_time(t, shift)
     return t.to(dtype)
+
+
+def flow_match_euler_times(
+    steps: int,
+    shift: float = 3.0,
+    num_train_timesteps: int = 1000,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """The `steps + 1` times of diffusers' `FlowMatchEulerDiscreteScheduler` (static shift), in our time.
+
+    Stable Diffusion 3's pipelines sample on this grid (SD3-medium: shift 3.0, 28 steps): sigmas
+    linear in [sigma_max, sigma_min] of the scheduler's 1000 shifted training sigmas (1 and
+    shift(1/1000)), shifted once more, then a final sigma of 0. Our t = 1 - sigma. Unlike
+    `time_grid(steps, shift)` (sigmas linear in [1, 0] before the shift), the last step starts at
+    sigma = shift(sigma_min), not shift(1 / steps).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+
+    def shifted(sigma: Tensor) -> Tensor:
+        return shift * sigma / (1 + (shift - 1) * sigma)
+
+    # The scheduler keeps its training sigmas in float32; its sigma_min is that float32 value.
+    train = shifted(torch.arange(num_train_timesteps, 0, -1, dtype=torch.float32) / num_train_timesteps)
+    sigma_max, sigma_min = float(train[0]), float(train[-1])
+    sigmas = shifted(torch.linspace(sigma_max, sigma_min, steps, dtype=torch.float64))
+    sigmas = torch.cat([sigmas.to(torch.float32).double(), torch.zeros(1, dtype=torch.float64)])
+    return (1 - sigmas).to(device=device, dtype=dtype)
 
 
 def sample_timesteps(

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from erg.attention import AttentionMaps, AttentionPlan, Capture, Rule
 from erg.conditioning import Conditioning, conditioning_for
-from erg.flow import time_grid
+from erg.flow import flow_match_euler_times, time_grid
 from erg.guidance.base import Branch, Guidance, Step
 from erg.sampling import sample_noise, sample_seed
 
@@ -37,13 +37,16 @@ OnStep = Callable[[Step, Tensor], None]
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    """steps: Euler steps; shift: SD3's schedule shift (1 = uniform in t); bf16: autocast on CUDA;
-    batch_branches: evaluate the branches sharing a model in one forward (False: one forward per
-    branch, the reference the batched path is tested against); compile: call the models through
-    `torch.compile` (the modules themselves are left as they are)."""
+    """steps: Euler steps; shift: SD3's schedule shift (1 = uniform in t); schedule: "uniform" (times
+    i / steps, shifted: `erg.flow.time_grid`) or "flow_match_euler" (the grid of diffusers'
+    FlowMatchEulerDiscreteScheduler that SD3's pipelines use: `erg.flow.flow_match_euler_times`);
+    bf16: autocast on CUDA; batch_branches: evaluate the branches sharing a model in one forward
+    (False: one forward per branch, the reference the batched path is tested against); compile: call
+    the models through `torch.compile` (the modules themselves are left as they are)."""
 
     steps: int = 50
     shift: float = 1.0
+    schedule: str = "uniform"
     bf16: bool = True
     batch_branches: bool = True
     compile: bool = False
@@ -53,6 +56,14 @@ class SamplerConfig:
             raise ValueError(f"sampler.steps must be an integer >= 1, got {self.steps!r}")
         if not self.shift > 0:
             raise ValueError(f"sampler.shift must be > 0, got {self.shift}")
+        if self.schedule not in ("uniform", "flow_match_euler"):
+            raise ValueError(f"sampler.schedule must be 'uniform' or 'flow_match_euler', got {self.schedule!r}")
+
+    def times(self) -> torch.Tensor:
+        """The steps + 1 times t_0 = 0 (noise) ... t_steps = 1 (data), float64 on the host."""
+        if self.schedule == "flow_match_euler":
+            return flow_match_euler_times(self.steps, self.shift, dtype=torch.float64)
+        return time_grid(self.steps, self.shift, dtype=torch.float64)
 
 
 def _num_layers(model: nn.Module) -> int:
@@ -225,7 +236,7 @@ class GuidedSampler:
         seeds = list(seeds) if seeds is not None else list(range(B))
         encoded = self.encode(conditions)
         state = self.guidance.combine.new_state()  # fresh per run (APG's momentum starts at zero)
-        times = time_grid(self.config.steps, self.config.shift, dtype=torch.float64)  # host copy: no syncs per step
+        times = self.config.times()  # host copy: no syncs per step
         ts = times.to(self.device, torch.float32)
         x = noise.to(self.device, torch.float32)
         for i in range(self.config.steps):

@@ -50,7 +50,8 @@ class SampleGrid(L.Callback):
     """Every `every_n_steps` optimizer steps (and at the end), sample a grid with the EMA model using
     the plain Euler sampler, save it as `<out_dir>/step_XXXXXXX.png` and log it where the logger can
     show images. Rows are classes (columns: `per_class` samples); the noises are the same at every
-    step (per-sample seeds), so grids are comparable along training.
+    step (per-sample seeds), so grids are comparable along training. Text-to-image runs (a module with a
+    `text_encoder`) draw a row per prompt of `prompts` instead (at most `max_classes` rows).
 
     `guidance_scale` != 1 applies classifier-free guidance (only for this monitoring view), through
     the same sampler `sample.py` uses.
@@ -64,6 +65,7 @@ class SampleGrid(L.Callback):
         per_class: int = 8,
         max_classes: int = 10,
         guidance_scale: float = 1.0,
+        prompts: list[str] | None = None,
         seed: int = 0,
     ):
         self.out_dir = Path(out_dir)
@@ -72,6 +74,7 @@ class SampleGrid(L.Callback):
         self.per_class = per_class
         self.max_classes = max_classes
         self.guidance_scale = guidance_scale
+        self.prompts = list(prompts) if prompts else None
         self.seed = seed
         self._last_step = -1
 
@@ -88,12 +91,23 @@ class SampleGrid(L.Callback):
     def sample(self, pl_module: L.LightningModule, decode: Any = None) -> torch.Tensor:
         """The grid's images, from the shared guidance sampler (CFG exists once, in erg/)."""
         model = pl_module.ema
-        num_classes = getattr(model, "num_classes", 0)
-        rows = min(num_classes, self.max_classes) if num_classes else 1
-        n = rows * self.per_class
-        labels = [c for c in range(rows) for _ in range(self.per_class)] if num_classes else None
-        cfg = {"method": "cfg", "scale": self.guidance_scale} if num_classes else {"method": "none"}
-        sampler = GuidedSampler(build_guidance(cfg), model, config=SamplerConfig(steps=self.steps))
+        text_encoder = getattr(pl_module, "text_encoder", None)
+        conditionings = None
+        if text_encoder is not None:
+            from models.generation import prompts_conditioning
+
+            if not self.prompts:
+                raise ValueError("samples.prompts: a text-to-image run needs prompts for its sample grids")
+            text_encoder.to(pl_module.device)
+            conditionings = {"main": prompts_conditioning(text_encoder)}
+            rows_of = self.prompts[: self.max_classes]
+        else:
+            num_classes = getattr(model, "num_classes", 0)
+            rows_of = list(range(min(num_classes, self.max_classes))) if num_classes else None
+        n = len(rows_of or [None]) * self.per_class
+        labels = [c for c in rows_of for _ in range(self.per_class)] if rows_of else None
+        cfg = {"method": "cfg", "scale": self.guidance_scale} if rows_of else {"method": "none"}
+        sampler = GuidedSampler(build_guidance(cfg), model, conditionings, config=SamplerConfig(steps=self.steps))
         x = sampler.sample_indices(range(n), labels, base_seed=self.seed)
         return decode(x) if decode is not None else x
 

@@ -89,14 +89,22 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
 
 # --- model -----------------------------------------------------------------------------------------
 def _instantiate_model(model_cfg: dict[str, Any]) -> torch.nn.Module:
+    """The model; its own errors (missing weights, bad sizes) surface as they are, not wrapped by Hydra."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    return instantiate(model_cfg)
+    try:
+        return instantiate(model_cfg)
+    except InstantiationException as err:
+        if isinstance(err.__cause__, ConfigError | FileNotFoundError):
+            raise err.__cause__ from None
+        raise
 
 
 def load_model(container: dict[str, Any], path: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model to sample (EMA weights), and what is known about it: {"model": the model config it
-    was built from, "autoencoder": the autoencoder config it was trained with (latent data) or None}.
+    was built from, "autoencoder": the autoencoder config it was trained with (latent data) or None,
+    "text_encoder": the text encoder config it was trained with (text-to-image) or None}.
 
     `path` (AutoGuidance's weak checkpoint) is read like `checkpoint`: a checkpoint of this repo
     brings its own config; any other file (DiT/SiT release) gets the main model's architecture.
@@ -104,12 +112,14 @@ def load_model(container: dict[str, Any], path: str | None = None) -> tuple[torc
     from models.checkpoints import load_into, read_checkpoint
 
     path = path or container.get("checkpoint")
-    autoencoder = None
+    autoencoder = text_encoder = None
     if path:
         ckpt = read_checkpoint(path)
         stored = ckpt.get("config") if isinstance(ckpt, dict) else None
         if isinstance(stored, dict) and isinstance(stored.get("data"), dict):
             autoencoder = stored["data"].get("autoencoder")
+        if isinstance(stored, dict):
+            text_encoder = stored.get("text_encoder")  # frozen encoders are not in checkpoints, their config is
         if isinstance(stored, dict) and "model" in stored:
             model_cfg = dict(stored["model"])
         elif container.get("model"):
@@ -127,15 +137,19 @@ def load_model(container: dict[str, Any], path: str | None = None) -> tuple[torc
     else:
         model_cfg = dict(container["model"])
         model = _instantiate_model(model_cfg)
-    return model.eval().requires_grad_(False), {"model": model_cfg, "autoencoder": autoencoder}
+    info = {"model": model_cfg, "autoencoder": autoencoder, "text_encoder": text_encoder,
+            "decode": getattr(model, "decode", None)}  # fmt: skip
+    return model.eval().requires_grad_(False), info
 
 
 def build_decoder(container: dict[str, Any], device: torch.device, stored: dict[str, Any] | None = None) -> Any:
     """Model space -> images in [-1, 1]: the configured autoencoder's decode, else the one the
-    checkpoint was trained with (its data config), else identity (pixel models)."""
+    checkpoint was trained with (its data config), else the model's own (a diffusers pipeline brings its
+    VAE), else identity (pixel models)."""
     config = container.get("autoencoder") or (stored or {}).get("autoencoder")
     if not config:
-        return lambda x: x
+        own = (stored or {}).get("decode")
+        return own if own is not None else (lambda x: x)
     from hydra.utils import instantiate
 
     autoencoder = instantiate(config)
@@ -170,17 +184,24 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 # --- what to sample --------------------------------------------------------------------------------
 class Conditions:
-    """Sample index -> condition (class label, prompt or nothing) and its per-sample record."""
+    """Sample index -> condition (class label, prompt or nothing) and its per-sample record.
 
-    def __init__(self, container: dict[str, Any], model: torch.nn.Module):
+    Text-to-image models sample prompts[i // per_prompt] of a prompt file; without a prompt file they
+    sample unconditionally, every sample with the empty prompt (the paper's unconditional setting,
+    Table 2; set num_samples).
+    """
+
+    def __init__(self, container: dict[str, Any], model: torch.nn.Module, text: bool | None = None):
         from erg.sampling import sample_seed
 
         self.seed_of = lambda i: sample_seed(container["seed"], i)
         self.labels: list[int] | None = None
         self.prompts: list[str] | None = None
         num_classes = getattr(model, "num_classes", 0)
+        if text is None:
+            text = bool(container.get("text_encoder")) or callable(getattr(model, "conditioning", None))
         if container.get("prompts"):
-            if not container.get("text_encoder") and not callable(getattr(model, "conditioning", None)):
+            if not text:
                 raise ConfigError(
                     f"prompts=... needs a text-to-image model and its text_encoder=...; {type(model).__name__} "
                     f"is {'class-conditional' if num_classes else 'unconditional'} here (use classes= / num_samples=)"
@@ -193,6 +214,12 @@ class Conditions:
                 raise ConfigError(f"prompts={path} holds no prompts")
             self.per = container["per_prompt"]
             default_n = len(self.prompts) * self.per
+        elif text:
+            if container.get("classes") not in (None, "all"):
+                raise ConfigError("a text-to-image model takes prompts=<file>, not classes=...")
+            self.prompts = [""]  # unconditional: the empty prompt for every sample
+            self.per = 1
+            default_n = None
         elif num_classes:
             classes = container.get("classes")
             if classes in (None, "all"):
@@ -212,7 +239,8 @@ class Conditions:
             default_n = None
         n = container.get("num_samples") or default_n
         if not n or n < 1:
-            raise ConfigError("this model is unconditional: set num_samples=N")
+            hint = " (a text-to-image model without prompts=... samples the empty prompt)" if text else ""
+            raise ConfigError(f"this model is unconditional{hint}: set num_samples=N")
         self.num_samples = int(n)
 
     def of(self, indices: range | list[int]) -> list[Any] | None:
@@ -260,13 +288,20 @@ def pick_device(container: dict[str, Any]) -> torch.device:
     return torch.device("cpu")
 
 
-def build_conditioning(container: dict[str, Any], device: torch.device) -> Any:
-    """The text conditioning of a text-to-image model (text_encoder=...), or None (from the model)."""
-    if not container.get("text_encoder"):
+def text_encoder_config(container: dict[str, Any], info: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The text encoders to sample with: text_encoder=... if given, else those the checkpoint was trained with."""
+    return container.get("text_encoder") or (info or {}).get("text_encoder")
+
+
+def build_conditioning(container: dict[str, Any], device: torch.device, info: dict[str, Any] | None = None) -> Any:
+    """The text conditioning of a text-to-image model (text_encoder=..., or the checkpoint's), or None
+    (the model conditions itself: class labels, or its own `conditioning()`)."""
+    config = text_encoder_config(container, info)
+    if not config:
         return None
     from hydra.utils import instantiate
 
-    return prompts_conditioning(instantiate(container["text_encoder"]).to(device))
+    return prompts_conditioning(instantiate(config).to(device))
 
 
 def build_sampler(container: dict[str, Any], guidance_cfg: dict[str, Any], model: torch.nn.Module,
@@ -330,8 +365,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     device = pick_device(container)
     model, info = load_model(container)
     model = model.to(device)
-    conditions = Conditions(container, model)
-    sampler = build_sampler(container, container["guidance"], model, build_conditioning(container, device))
+    conditioning = build_conditioning(container, device, info)
+    conditions = Conditions(container, model, text=conditioning is not None or None)
+    sampler = build_sampler(container, container["guidance"], model, conditioning)
     decode = build_decoder(container, device, info)
 
     out_dir = Path(container["out_dir"]).expanduser()
@@ -407,11 +443,12 @@ def run_grid(container: dict[str, Any]) -> dict[str, Any]:
     model, info = load_model(container)
     model = model.to(device)
     decode = build_decoder(container, device, info)
-    conditioning = build_conditioning(container, device)
+    conditioning = build_conditioning(container, device, info)
     n = int(grid_cfg["per_row"])
     num_classes = getattr(model, "num_classes", 0)
-    if container.get("prompts"):  # text-to-image: one prompt per column, wrapping
-        prompts = Conditions(container, model).prompts
+    if conditioning is not None or callable(getattr(model, "conditioning", None)):
+        # text-to-image: one prompt per column, wrapping (the empty prompt without a prompt file)
+        prompts = Conditions({**container, "num_samples": n}, model, text=True).prompts
         labels = [prompts[j % len(prompts)] for j in range(n)]
     else:
         classes = grid_cfg.get("classes") or (list(range(num_classes)) if num_classes else None)

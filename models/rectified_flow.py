@@ -3,10 +3,18 @@
     t ~ uniform(0, 1) or logit-normal (SD3)        eps ~ N(0, I)
     x_t = t x + (1 - t) eps                         target v = x - eps
     loss = || model(x_t, t, y_dropped) - v ||^2     (labels dropped to the null class with prob p)
+    text-to-image (a `text_encoder`):  || model(x_t, t, context, pooled) - v ||^2 with
+    context, pooled = text_encoder(captions), each encoder dropped per sample (its own probability)
 
 The EMA copy of the weights (`self.ema`) is saved in every checkpoint and is what sampling and
-evaluation use. Randomness of a training step (t, eps, label dropout) comes from a generator seeded
-by (seed, step, micro-batch, rank), so a resumed run draws exactly what an uninterrupted run draws.
+evaluation use. Randomness of a training step (t, eps, label / encoder dropout) comes from a generator
+seeded by (seed, step, micro-batch, rank), so a resumed run draws exactly what an uninterrupted run
+draws.
+
+The text encoder (`models.text_encoders.TextConditioner`) is frozen pretrained weights: it is held
+*outside* the module tree, so it is not trained, not in the optimizer, not copied into the EMA, not
+wrapped by DDP / FSDP and not saved in checkpoints (they store its config, `config["text_encoder"]`,
+and the sampler rebuilds it from there). It follows the batches to their device on first use.
 """
 
 from __future__ import annotations
@@ -106,7 +114,8 @@ class WarmupSchedule:
 
 
 class RectifiedFlowModule(L.LightningModule):
-    """Trains `model` (velocity predictor with `forward(x, t, y)`) with the rectified-flow loss."""
+    """Trains `model` with the rectified-flow loss: a velocity predictor `forward(x, t, y)` (DiT family),
+    or, with a `text_encoder`, `forward(x, t, context, pooled)` (MMDiT) conditioned on `batch["caption"]`."""
 
     def __init__(
         self,
@@ -118,8 +127,12 @@ class RectifiedFlowModule(L.LightningModule):
         compile: bool = False,
         nan_check_every: int = 1,
         config: dict[str, Any] | None = None,
+        text_encoder: nn.Module | None = None,
     ):
         super().__init__()
+        # Frozen pretrained weights, kept out of the module tree on purpose (see the module docstring):
+        # object.__setattr__ bypasses nn.Module's registration of sub-modules.
+        object.__setattr__(self, "text_encoder", text_encoder)
         self.model = model
         self.ema = ema_copy(model)
         self.flow = flow or FlowConfig()
@@ -189,14 +202,37 @@ class RectifiedFlowModule(L.LightningModule):
             device=x.device,
         )
         eps = torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+        x_t = interpolate(x, eps, t)
+        if self.text_encoder is not None:
+            context, pooled = self.encode_captions(batch, g if drop_labels else None)
+            pred = self.model(x_t, t, context, pooled)
+            return F.mse_loss(pred.float(), velocity_target(x, eps).float())
         y = None
         if self.null_class is not None:
             y = batch["y"]
             if drop_labels and self.flow.label_dropout > 0:
                 drop = torch.rand(B, generator=g, device=x.device) < self.flow.label_dropout
                 y = torch.where(drop, torch.full_like(y, self.null_class), y)
-        pred = self.model(interpolate(x, eps, t), t, y)
+        pred = self.model(x_t, t, y)
         return F.mse_loss(pred.float(), velocity_target(x, eps).float())
+
+    @torch.no_grad()
+    def encode_captions(self, batch: dict[str, Any], g: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
+        """The frozen text encoder's (context, pooled) for the batch's captions. With a generator, each
+        encoder is dropped per sample with its probability (the paper: sqrt(0.1) each), drawn from `g`."""
+        captions = batch.get("caption")
+        if captions is None:
+            raise ValueError(
+                "this is a text-to-image run (text_encoder is set) but the batches carry no captions: use data "
+                "with captions (data=text_image_shards with data.captions=[txt,...], or data=digits_captions)"
+            )
+        encoder = self.text_encoder
+        device = batch["x"].device
+        if next(encoder.buffers()).device != device:
+            encoder.to(device)
+        drop = encoder.drop_mask(len(captions), generator=g) if g is not None else None
+        cond = encoder(list(captions), drop, use_cache=True)
+        return cond.context, cond.pooled
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1

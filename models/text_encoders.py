@@ -26,13 +26,16 @@ Each exposes `model`, `layers`, `self_attention(i)`, `query_projection(i)` and `
 that C-ERG (a temperature on the self-attention logits of a layer range) can be applied from `erg/`.
 Frozen: parameters never require grad and the modules stay in eval mode (no dropout) even inside a
 module put in training mode. bf16 on GPU, float32 on CPU (`dtype="auto"`).
-Cached embeddings in shards are not implemented yet (the encoders run on the fly).
+Training may keep the encodings of recent prompts in memory (`cache_size`, used only when the caller
+asks with `use_cache=True`: small caption sets such as the digits quickstart's templates are then
+encoded once). Cached embeddings in shards are not implemented (the encoders run on the fly).
 """
 
 from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -462,6 +465,11 @@ class TextConditioner(nn.Module):
             the widest); see the module docstring.
         pooled_from: encoders whose pooled vector enters `pooled` (None: all; SD3 pools CLIPs only;
             an empty list gives no pooled vector, pooled_dim = 0).
+        context_dim, pooled_dim: the widths the config declares (so that `model.context_dim` can be read
+            from the config without loading the encoders); checked against the encoders, None = unchecked.
+        cache_size: prompts whose encodings `forward(..., use_cache=True)` keeps in memory, per encoder
+            (least recently used dropped first; 0 = no cache). For training on a small caption set only:
+            the cache is never used unless asked for, so C-ERG's temperature hooks always see a real forward.
     """
 
     def __init__(
@@ -471,12 +479,17 @@ class TextConditioner(nn.Module):
         null_input: str = "empty_prompt",
         layout: str = "separate",
         pooled_from: Sequence[str] | None = None,
+        context_dim: int | None = None,
+        pooled_dim: int | None = None,
+        cache_size: int = 0,
     ):
         super().__init__()
         if not encoders:
             raise ValueError("TextConditioner needs at least one text encoder")
         if not 0 <= drop_prob < 1:
             raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
         if null_input not in ("empty_prompt", "zeros"):
             raise ValueError(f"null_input must be 'empty_prompt' or 'zeros', got {null_input!r}")
         if layout not in ("separate", "padded"):
@@ -495,6 +508,16 @@ class TextConditioner(nn.Module):
         self.offsets = dict(zip(self.encoders, offsets))
         self.pooled_dim = sum(self.encoders[name].pooled_size for name in self.pooled_from)
         self.context_tokens = sum(enc.max_length for enc in self.encoders.values())
+        for key, declared, actual in (("context_dim", context_dim, self.context_dim),
+                                      ("pooled_dim", pooled_dim, self.pooled_dim)):  # fmt: skip
+            if declared is not None and declared != actual:
+                widths = ", ".join(f"{n}: {e.hidden_size} / pooled {e.pooled_size}" for n, e in self.encoders.items())
+                raise ValueError(
+                    f"text_encoder.{key}={declared} but its encoders give {actual} ({layout} layout of {widths}): "
+                    f"set text_encoder.{key}={actual} (model.{key} follows it)"
+                )
+        self.cache_size = int(cache_size)
+        self._cache: dict[str, OrderedDict] = {name: OrderedDict() for name in encoders}  # prompt -> rows
         # The null encodings, computed once (frozen encoders); buffers follow .to(device / dtype) and are
         # not saved in checkpoints.
         for name, enc in self.encoders.items():
@@ -526,8 +549,14 @@ class TextConditioner(nn.Module):
             for name in self.encoders
         }
 
-    def forward(self, prompts: Sequence[str], drop: Mapping[str, Tensor] | None = None) -> TextCondition:
-        """Encode prompts; rows where `drop[name]` is True get encoder `name`'s null encoding."""
+    def forward(
+        self, prompts: Sequence[str], drop: Mapping[str, Tensor] | None = None, use_cache: bool = False
+    ) -> TextCondition:
+        """Encode prompts; rows where `drop[name]` is True get encoder `name`'s null encoding.
+
+        use_cache: take the encodings of prompts seen before from the in-memory cache (`cache_size`);
+        training only (a frozen encoder gives the same encoding every time).
+        """
         if isinstance(prompts, str):
             raise TypeError("prompts must be a sequence of strings, got a single string")
         unknown = sorted(set(drop or {}) - set(self.encoders))
@@ -536,7 +565,7 @@ class TextConditioner(nn.Module):
         B = len(prompts)
         parts = {}
         for name, enc in self.encoders.items():
-            out = enc(prompts)
+            out = self._cached(name, prompts) if use_cache and self.cache_size else enc(prompts)
             rows = (drop or {}).get(name)
             if rows is not None:
                 if rows.shape != (B,):
@@ -544,6 +573,23 @@ class TextConditioner(nn.Module):
                 out = self._replace_rows(out, self.null_encoding(name), rows.to(out.tokens.device))
             parts[name] = out
         return self._assemble(parts)
+
+    def _cached(self, name: str, prompts: Sequence[str]) -> TextEncoding:
+        """Encoder `name`'s encoding of `prompts`, encoding only the prompts not in its cache (once each)."""
+        cache = self._cache[name]
+        new = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if new:
+            out = self.encoders[name](new)
+            for i, p in enumerate(new):
+                cache[p] = (out.tokens[i], out.mask[i], out.pooled[i])
+        rows = []
+        for p in prompts:
+            cache.move_to_end(p)
+            rows.append(cache[p])
+        while len(cache) > max(self.cache_size, len(set(prompts))):
+            cache.popitem(last=False)
+        device = self.encoders[name].device  # the conditioner may have moved since a row was cached
+        return TextEncoding(*(torch.stack(parts).to(device) for parts in zip(*rows)))
 
     def unconditional(self, batch_size: int) -> TextCondition:
         """The unconditional input: every encoder dropped (its empty-prompt encoding, or zeros)."""

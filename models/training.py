@@ -27,7 +27,7 @@ log = logging.getLogger("erg.train")
 TOP_LEVEL_KEYS = {
     "data", "model", "trainer", "logger", "experiment", "debug", "name", "seed", "run_dir", "resume",
     "compile", "nan_check_every", "progress_refresh_rate", "flow", "optim", "ema", "checkpoint",
-    "samples", "hydra", "task",
+    "samples", "hydra", "task", "text_encoder",
 }  # fmt: skip
 
 
@@ -56,8 +56,38 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
         build_dataclass(cls, cfg.get(key), key)
     check_kwargs(cfg.samples, SampleGrid.__init__, "samples", ignore=("out_dir",))
     check_kwargs(cfg.checkpoint, _checkpoint_callbacks, "checkpoint", ignore=("dirpath",))
+    _check_text_setup(cfg)
     container.pop("hydra", None)
     return container
+
+
+def _check_text_setup(cfg: DictConfig) -> None:
+    """A text-conditioned model (it takes `context_dim`, e.g. the MMDiT) needs a text encoder, and a text
+    encoder needs such a model and prompts for its sample grids."""
+    if cfg.model.get("_target_") == "erg.integrations.sd3.load_sd3":
+        raise ConfigError(
+            "model=sd3_medium is Stable Diffusion 3 through diffusers, for sampling with ERG (sample.py "
+            "model=sd3_medium ...); train.py trains this repo's models (model=mmdit_sd3_d24 is SD3's size)"
+        )
+    text = cfg.get("text_encoder")
+    takes_text = "context_dim" in cfg.model
+    if text:
+        check_kwargs(text, target_of(text), "text_encoder")
+    if takes_text and not text:
+        raise ConfigError(
+            f"model {cfg.model.get('arch') or cfg.model._target_} is text-conditioned (model.context_dim): choose "
+            "its text encoders, e.g. text_encoder=llama3_t5 (the paper's) or text_encoder=minilm (offline)"
+        )
+    if text and not takes_text:
+        raise ConfigError(
+            "text_encoder is set but the model takes no text (no model.context_dim): use a text-to-image model "
+            "(model=mmdit_b2, ...) or drop text_encoder"
+        )
+    if text and cfg.samples.every_n_steps and not cfg.samples.get("prompts"):
+        raise ConfigError(
+            "samples.prompts: a text-to-image run draws its sample grids from prompts; give a few, e.g. "
+            "'samples.prompts=[a photo of a cat,a red bus]', or turn the grids off with samples.every_n_steps=0"
+        )
 
 
 def _checkpoint_callbacks(
@@ -131,6 +161,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     datamodule = _instantiate_data(cfg.data)
     model = instantiate(cfg.model)
+    text_encoder = _instantiate_text_encoder(cfg, model)
     module = RectifiedFlowModule(
         model,
         flow=build_dataclass(FlowConfig, cfg.flow, "flow"),
@@ -140,6 +171,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         compile=cfg.compile,
         nan_check_every=cfg.nan_check_every,
         config=container,
+        text_encoder=text_encoder,
     )
     loggers = [instantiate(cfg.logger)] if cfg.get("logger") else False
     trainer = L.Trainer(
@@ -176,6 +208,26 @@ def _instantiate_data(node: DictConfig) -> Any:
         if isinstance(err.__cause__, ConfigError | FileNotFoundError):
             raise err.__cause__ from None
         raise
+
+
+def _instantiate_text_encoder(cfg: DictConfig, model: Any) -> Any:
+    """The frozen text encoders (None without text); their widths must be the model's."""
+    if not cfg.get("text_encoder"):
+        return None
+    from hydra.utils import instantiate
+
+    try:
+        encoder = instantiate(cfg.text_encoder)
+    except Exception as err:  # missing weights folders, declared widths that do not match: say so plainly
+        cause = err.__cause__ if err.__cause__ is not None else err
+        raise ConfigError(f"text_encoder: {cause}") from err
+    for key in ("context_dim", "pooled_dim"):
+        if getattr(model, key) != getattr(encoder, key):
+            raise ConfigError(
+                f"model.{key}={getattr(model, key)} but the text encoders give {getattr(encoder, key)}: "
+                f"set model.{key}=${{text_encoder.{key}}} (the model configs of this repo do)"
+            )
+    return encoder
 
 
 def _metric(trainer: Any, name: str) -> float | None:

@@ -26,19 +26,28 @@ def _required(group: str, option: str, tmp_path: Path) -> list[str]:
         return [f"data.root={root}"]
     if group == "model" and option == "sit_xl2":
         return ["model.checkpoint=/path/to/SiT-XL-2-256x256.pt"]
+    if group == "model" and option.startswith("mmdit"):  # text-to-image: its encoders and grid prompts
+        encoders = "sd3" if option == "mmdit_sd3_d24" else "minilm" if option == "mmdit_quickstart" else "llama3_t5"
+        return [f"text_encoder={encoders}", "samples.prompts=[a cat]"]
     if group == "data" and option.endswith("_shards"):
         return ["data.shards=/data/shards", "data.autoencoder.path=/models/vae"][
             : 2 if option == "latent_shards" else 1
         ]
     if group == "experiment" and option.startswith("imagenet"):
         return ["data.shards=/data/latents", "data.autoencoder.path=/models/sd-vae-ft-ema"]
+    if group == "experiment" and option == "t2i_mmdit_b2":
+        return ["data.shards=/data/latents", "data.autoencoder.path=/models/stable-diffusion-3-medium-diffusers"]
     return []
+
+
+SAMPLING_ONLY = {("model", "sd3_medium")}  # a diffusers pipeline for sample.py (tests/test_sd3.py)
 
 
 @pytest.mark.parametrize(
     ("group", "option"),
-    [(g, o) for g in ("model", "data", "trainer", "logger", "experiment", "debug") for o in options(g)],
-)
+    [(g, o) for g in ("model", "data", "trainer", "logger", "experiment", "debug") for o in options(g)
+     if (g, o) not in SAMPLING_ONLY],
+)  # fmt: skip
 def test_every_option_composes_and_validates(group, option, tmp_path):
     cfg = compose(overrides=[f"{group}={option}", f"run_dir={tmp_path / 'run'}", *_required(group, option, tmp_path)])
     container = validate(cfg)
@@ -46,6 +55,11 @@ def test_every_option_composes_and_validates(group, option, tmp_path):
     assert container["model"]["in_channels"] == container["data"]["channels"]
     if "num_classes" in container["model"]:  # class-conditional families (MMDiT takes text instead)
         assert container["model"]["num_classes"] == container["data"]["num_classes"]
+
+
+def test_sampling_only_models_are_refused_by_train_py(tmp_path):
+    with pytest.raises(ConfigError, match="sample.py"):
+        validate(compose(overrides=["model=sd3_medium", f"run_dir={tmp_path}"]))
 
 
 def test_model_size_and_channels_come_from_the_data(tmp_path):
