@@ -10,7 +10,10 @@ The sweep config (configs/sweep.yaml + a setting of configs/sweeps/) names
                evaluate: {data: digits, features: digits}}
     grid       per guidance method (configs/guidance/<method>.yaml) its hyperparameters, relative to
                `guidance.`: a list is swept, anything else is fixed; a method's points are the Cartesian
-               product of its lists (a list-valued setting is swept as a list of lists: layers: [[2, 4]])
+               product of its lists (a list-valued setting is swept as a list of lists: layers: [[2, 4]]).
+               A row may take its defaults from another guidance config, `config: erg_mmdit`: the row's
+               name is then the method's name in the tables (guidance.name), e.g. Table 5's `erg` and
+               `erg_alpha` rows both start from erg_mmdit
     sweep_dir  the sweep's folder:
 
     <sweep_dir>/<point>/config.yaml          resolved sample config + nfe (written by sample.py's body only)
@@ -83,12 +86,18 @@ Evaluate = Callable[[Path], Any]
 # --- the grid --------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Point:
-    """One grid point: its folder name, guidance method and guidance settings (dotted keys under
-    `guidance.`, fixed and swept)."""
+    """One grid point: its folder name, guidance method (its row name: the method in the tables), guidance
+    settings (dotted keys under `guidance.`, fixed and swept), and the guidance config it starts from
+    (configs/guidance/<config>.yaml; the method's own by default)."""
 
     name: str
     method: str
     settings: dict[str, Any] = field(default_factory=dict)
+    config: str = ""
+
+    @property
+    def guidance_config(self) -> str:
+        return self.config or self.method
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -131,9 +140,14 @@ def expand_grid(grid: dict[str, Any], methods: list[str] | None = None) -> list[
     known = sorted(p.stem for p in (CONFIG_DIR / "guidance").glob("*.yaml"))
     points = []
     for method in chosen:
-        if method not in known:
-            raise ConfigError(f"grid.{method}: no guidance config configs/guidance/{method}.yaml (known: {known})")
         params = flatten(grid[method])
+        config = params.pop("config", None) or method
+        if config not in known:
+            where = f"grid.{method}.config" if config != method else f"grid.{method}"
+            raise ConfigError(
+                f"{where}: no guidance config configs/guidance/{config}.yaml (known: {known}); a row named otherwise "
+                "says which config it starts from: grid.<row>.config=<guidance config>"
+            )
         swept = {k: v for k, v in params.items() if isinstance(v, list)}
         fixed = {k: v for k, v in params.items() if k not in swept}
         empty = [k for k, v in swept.items() if not v]
@@ -141,7 +155,10 @@ def expand_grid(grid: dict[str, Any], methods: list[str] | None = None) -> list[
             raise ConfigError(f"grid.{method}.{empty[0]} is an empty list: give at least one value")
         for combo in itertools.product(*swept.values()):
             values = dict(zip(swept, combo))
-            points.append(Point(point_name(method, values), method, {**fixed, **values}))
+            settings = {**fixed, **values}
+            if config != method:  # the row's name is the method's name in the tables
+                settings["name"] = method
+            points.append(Point(point_name(method, values), method, settings, "" if config == method else config))
     names = [p.name for p in points]
     clashes = sorted({n for n in names if names.count(n) > 1})
     if clashes:
@@ -220,7 +237,7 @@ def sample_config(cfg: DictConfig, point: Point) -> DictConfig:
         [
             *to_overrides(_container(OmegaConf.select(cfg, "choices.sample"))),
             *to_overrides(_container(cfg.sample)),
-            f"guidance={point.method}",
+            f"guidance={point.guidance_config}",
             *to_overrides(point.settings, "++guidance."),  # unknown keys: sample.py's check names them
             f"out_dir={override_value(str(Path(str(cfg.sweep_dir)) / point.name))}",
         ],

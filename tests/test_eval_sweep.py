@@ -229,7 +229,19 @@ def test_slurm_array_launcher_composes():
     assert points == [p.name for p in expand_grid(compose("sweep").grid, ["cfg", "erg"])]
 
 
-@pytest.mark.parametrize("setting", sorted(p.stem for p in (CONFIGS / "sweeps").glob("*.yaml")))
+CLASS_CONDITIONAL = ["imagenet256", "quickstart"]  # the text-to-image tables: tests/test_paper_protocol.py
+
+
+def test_every_sweep_setting_is_tested():
+    assert {p.stem for p in (CONFIGS / "sweeps").glob("*.yaml")} == {
+        *CLASS_CONDITIONAL,
+        "table1_t2i",
+        "table2_uncond",
+        "table5_ablation",
+    }
+
+
+@pytest.mark.parametrize("setting", CLASS_CONDITIONAL)
 def test_every_sweep_setting_composes_and_its_points_pass_their_checks(setting, tmp_path):
     """configs/sweeps/*: every point's sample.py and evaluate.py configs compose and pass their own checks."""
     from eval.sweep import check_point, point_configs, validate

@@ -13,10 +13,12 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from PIL import Image
 
+from eval.evaluate import validate as validate_evaluation
 from eval.features import FeatureExtractor
-from eval.sweep_spec import hydra_value, load_spec, points
+from models.generation import validate as validate_sampling
+from models.runtime import ConfigError
 from scripts.make_coco_prompts import main as make_coco
-from tests.conftest import CONFIGS, compose
+from tests.conftest import compose
 
 
 class ColourStats(FeatureExtractor):
@@ -127,53 +129,64 @@ PAPER = {
 
 @pytest.mark.parametrize("table", sorted(PAPER))
 def test_every_point_of_the_paper_sweeps_is_a_valid_sampling_and_evaluation_config(table, monkeypatch, tmp_path):
+    """configs/sweeps/table*.yaml (scripts/sweep.py sweeps=<table>): the paper's rows, Euler 50 steps, the
+    COCO'14 prompts (or the empty prompt), the benchmark's evaluation, and the NFE column of Tables 1 / 2."""
     from erg.guidance import build_guidance
-    from eval.evaluate import validate as validate_evaluation
-    from models.generation import validate as validate_sampling
+    from eval.sweep import point_configs, validate
+    from models.runtime import ConfigError
 
-    for var in ("T2I_CHECKPOINT", "T2I_WEAK_CHECKPOINT", "COCO14_EVAL"):
-        monkeypatch.setenv(var, str(tmp_path / var.lower()))
-    spec = load_spec(CONFIGS / "paper" / f"{table}.yaml")
+    monkeypatch.setenv("COCO14_EVAL", str(tmp_path / "coco14"))
+    with pytest.raises(ConfigError, match=r"missing required .*sample\.checkpoint"):
+        validate(compose("sweep", [f"sweeps={table}"]))
+    weak = ["grid.autoguidance.checkpoint=/w/weak.ckpt"] if "autoguidance" in PAPER[table][0] else []
+    cfg = compose("sweep", [f"sweeps={table}", f"sweep_dir={tmp_path / 'sweep'}", "sample.checkpoint=/w/t2i.ckpt",
+                            *weak])  # fmt: skip
     rows, benchmark = PAPER[table]
-    pts = points(spec)
-    assert {p.row for p in pts} == rows
-    assert len({p.folder for p in pts}) == len(pts)  # one folder per point
+    pts = validate(cfg)
+    assert {p.method for p in pts} == rows
+    assert len({p.name for p in pts}) == len(pts)  # one folder per point
     nfe = {}
     for p in pts:
-        container = validate_sampling(compose("sample", [*p.sample, f"out_dir={tmp_path / p.folder}"]))
+        sample_cfg, eval_cfg = point_configs(cfg, p)
+        container = validate_sampling(sample_cfg)
         guidance = build_guidance(container["guidance"])
-        assert guidance.name == container["guidance"]["name"] == p.row
+        assert guidance.name == container["guidance"]["name"] == p.method  # the row's name, e.g. erg for erg_mmdit
         assert container["sampler"] == {"steps": 50, "shift": 1.0, "schedule": "uniform", "bf16": True,
                                         "batch_branches": True, "compile": False}  # Euler, 50 steps  # fmt: skip
-        nfe.setdefault(p.row, set()).add(guidance.nfe)
+        nfe.setdefault(p.method, set()).add(guidance.nfe)
         if table != "table2_uncond":
-            assert container["prompts"] == str(tmp_path / "coco14_eval" / "prompts.txt")
+            assert container["prompts"] == str(tmp_path / "coco14" / "prompts.txt")
             assert container["per_prompt"] == 1
         else:
             assert container["prompts"] is None and container["num_samples"] == 40504
-        assert p.evaluate == (f"benchmark={benchmark}",)
-    validate_evaluation(compose("evaluate", [*pts[0].evaluate, "samples=/s"]))
+        assert validate_evaluation(eval_cfg) == validate_evaluation(
+            compose("evaluate", [f"benchmark={benchmark}", "samples=/s"])
+        )
+        assert eval_cfg.reference.path == f"{tmp_path / 'coco14'}/reference"
     expected = {row: {1} if row == "none" else {3} if row == "seg" and table == "table1_t2i" else {2} for row in rows}
     assert nfe == expected  # the NFE column of Tables 1 / 2
     if table == "table1_t2i":  # the paper's CADS grid and APG setting; ERG at Table 7's text-to-image row
-        cads = [compose("sample", list(p.sample)).guidance.cads for p in pts if p.row == "cads"]
+        cads = [point_configs(cfg, p)[0].guidance.cads for p in pts if p.method == "cads"]
         assert {(c.tau1, c.tau2, c.noise_scale, c.psi) for c in cads} == {
             (a, b, s, 1.0) for a in (0.6, 0.8) for b in (0.8, 1.0) for s in (0.25, 1.0)
         }
-        erg = compose("sample", list(next(p for p in pts if p.row == "erg_apg").sample)).guidance
+        erg = point_configs(cfg, next(p for p in pts if p.method == "erg_apg"))[0].guidance
         assert (erg.image.kappa, erg.image.layers, erg.image.gamma, erg.text.tau) == (0.4, [10, 17], 1.5, 0.01)
         assert OmegaConf.to_container(erg.apg) == {"momentum": -0.5, "eta": 0.0, "norm_threshold": 5.0}
+    if table == "table5_ablation":  # alpha = 1 in the ERG column, swept in the last
+        alphas = {p.method: {point_configs(cfg, p)[0].guidance.image.alpha} for p in pts if p.method.startswith("erg")}
+        assert alphas["erg"] == {1.0} and len({p.settings["image.alpha"] for p in pts if p.method == "erg_alpha"}) == 4
 
 
-def test_spec_values_become_hydra_overrides():
-    assert hydra_value([10, 17]) == "[10,17]" and hydra_value({"a": [0, 1]}) == "{a:[0,1]}"
-    assert hydra_value(None) == "null" and hydra_value(True) == "true" and hydra_value(0.25) == "0.25"
-    assert hydra_value("${oc.env:X}/prompts.txt") == "${oc.env:X}/prompts.txt"
-    assert hydra_value("a photo, of it") == "'a photo, of it'"
-    with pytest.raises(ValueError, match="sweep.guidance.scale must be a non-empty list"):
-        path = Path(CONFIGS.parent / "bad_spec.yaml")
-        try:
-            path.write_text("rows:\n  cfg:\n    guidance: cfg\n    sweep: {guidance.scale: 3.0}\n")
-            load_spec(path)
-        finally:
-            path.unlink()
+def test_a_row_named_otherwise_names_its_guidance_config():
+    from eval.sweep import expand_grid
+
+    (point,) = expand_grid({"erg_alpha": {"config": "erg_mmdit", "image": {"alpha": 0.5}}})
+    assert (point.method, point.guidance_config) == ("erg_alpha", "erg_mmdit")
+    assert point.settings == {"image.alpha": 0.5, "name": "erg_alpha"}
+    (plain,) = expand_grid({"cfg": {"scale": 2.0}})
+    assert plain.guidance_config == "cfg" and "name" not in plain.settings
+    with pytest.raises(ConfigError, match=r"grid\.erg_x\.config: no guidance config configs/guidance/nope\.yaml"):
+        expand_grid({"erg_x": {"config": "nope"}})
+    with pytest.raises(ConfigError, match=r"grid\.erg_x: no guidance config .*grid\.<row>\.config="):
+        expand_grid({"erg_x": {"scale": 2.0}})
