@@ -204,7 +204,7 @@ def test_the_sd3_schedule_is_the_pipelines(pipe):
 
 
 def test_sample_py_model_sd3_medium_end_to_end(pipe, tmp_path):
-    """The appendix E setting by config groups: model=sd3_medium sampler=sd3 guidance=erg_sd3 (steps cut to 2)."""
+    """The appendix E setting by config groups: model=sd3_medium guidance=erg (steps cut to 2)."""
     from data.sample_store import SampleStore
     from models.generation import run
 
@@ -214,7 +214,7 @@ def test_sample_py_model_sd3_medium_end_to_end(pipe, tmp_path):
     prompts.write_text("\n".join(PROMPTS) + "\n")
     cfg = compose("sample", [
         "model=sd3_medium", f"model.path={folder}", "model.resolution=16", f"model.max_sequence_length={TOKENS}",
-        "sampler=sd3", "sampler.steps=2", "guidance=erg_sd3", f"prompts={prompts}", f"out_dir={tmp_path / 'out'}",
+        "sampler.steps=2", "guidance=erg", f"prompts={prompts}", f"out_dir={tmp_path / 'out'}",
         "progress=false", "batch_size=2",
     ])  # fmt: skip
     container = OmegaConf.to_container(cfg, resolve=True)
@@ -226,6 +226,25 @@ def test_sample_py_model_sd3_medium_end_to_end(pipe, tmp_path):
     images, records = next(SampleStore.open(summary["out_dir"]).iter_batches())
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8 and images.std() > 0  # the pipeline's VAE
     assert [r["prompt"] for r in records] == PROMPTS
+
+
+def test_model_sd3_medium_brings_its_sampler_and_its_erg_and_cfg_settings():
+    """`sample.py model=sd3_medium guidance=erg` (the issue's command) is the appendix E setting spelled out:
+    sampler=sd3 guidance=erg_sd3; the default guidance (cfg) is cfg_sd3; other methods keep their configs."""
+
+    def chosen(*overrides):
+        cfg = compose("sample", ["model=sd3_medium", "model.path=/w/sd3", *overrides])
+        return OmegaConf.to_container(cfg.guidance, resolve=True), OmegaConf.to_container(cfg.sampler, resolve=True)
+
+    spelled_out = chosen("guidance=erg_sd3", "sampler=sd3")
+    assert chosen("guidance=erg") == spelled_out and spelled_out[1]["steps"] == 28
+    assert chosen() == chosen("guidance=cfg") == chosen("guidance=cfg_sd3", "sampler=sd3")
+    assert chosen()[0]["scale"] == 5.0
+    apg = chosen("guidance=apg")
+    assert apg[0]["name"] == "apg" and apg[1] == spelled_out[1]
+    assert chosen("guidance=erg", "sampler.steps=10", "guidance.scale=4.0")[0]["scale"] == 4.0
+    plain = compose("sample", ["guidance=erg"])  # other models: untouched
+    assert plain.guidance.name == "erg" and plain.sampler.steps == 50
 
 
 def test_missing_weights_are_a_clear_error(tmp_path):
