@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from data.sample_store import SampleStore
-from models.io import atomic_write_bytes
+from models.io import atomic_write_bytes, label_font, text_width
 
 __all__ = ["method_grid", "spread_samples"]
 
@@ -58,12 +58,13 @@ def method_grid(rows: list[tuple[str, str | Path]], path: str | Path, num: int =
     n, h, w, c = ref_images.shape
     factor = max(1, -(-min_size // h))
     cell_h, cell_w, gap = h * factor, w * factor, 2
-    label_w = 8 + 7 * max(len(label) for label, _, _ in loaded)
+    font = label_font()
+    label_w = 12 + max(text_width(font, label) for label, _, _ in loaded)
     canvas = Image.new("RGB", (label_w + n * (cell_w + gap), len(loaded) * (cell_h + gap)), "white")
     draw = ImageDraw.Draw(canvas)
     for r, (label, images, _) in enumerate(loaded):
         y = r * (cell_h + gap)
-        draw.text((4, y + cell_h // 2 - 6), label, fill="black")
+        draw.text((4, y + cell_h // 2 - 8), label, fill="black", font=font)
         for j, img in enumerate(images):
             tile = Image.fromarray(img[..., 0] if c == 1 else img).convert("RGB")
             canvas.paste(tile.resize((cell_w, cell_h), Image.NEAREST), (label_w + j * (cell_w + gap), y))

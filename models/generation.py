@@ -436,7 +436,7 @@ def run_grid(container: dict[str, Any]) -> dict[str, Any]:
     """Rows = guidance configs (grid.methods), columns = the same (noise, class) pairs."""
     from PIL import Image, ImageDraw
 
-    from models.io import image_grid, save_image
+    from models.io import image_grid, label_font, save_image, text_width
 
     grid_cfg = container["grid"]
     device = pick_device(container)
@@ -465,12 +465,13 @@ def run_grid(container: dict[str, Any]) -> dict[str, Any]:
     # a left margin with each row's method
     row_h = grid.shape[0] // len(rows)
     shown = [s if len(s) <= 28 else s[:27] + "..." for s in names]  # full names: the log and the summary
-    margin = 8 + 6 * max(len(s) for s in shown)
+    font = label_font()
+    margin = 12 + max(text_width(font, s) for s in shown)
     canvas = Image.new("RGB", (grid.shape[1] + margin, grid.shape[0]), "white")
     canvas.paste(Image.fromarray(grid.numpy()).convert("RGB"), (margin, 0))
     draw = ImageDraw.Draw(canvas)
     for r, name in enumerate(shown):
-        draw.text((4, r * row_h + row_h // 2 - 5), name, fill="black")
+        draw.text((4, r * row_h + row_h // 2 - 8), name, fill="black", font=font)
     path = Path(grid_cfg["path"]).expanduser()
     save_image(path, torch.from_numpy(np.array(canvas)))
     return {"grid": str(path), "methods": names, "per_row": n}

@@ -56,6 +56,21 @@ def image_grid(images: Tensor, nrow: int, min_size: int = 0) -> Tensor:
     return (grid * 255).round().to(torch.uint8).permute(1, 2, 0).cpu()
 
 
+def label_font(size: int = 13):
+    """The font of row labels in image grids: Pillow's bundled one at a size that renders spaces (its
+    default size drops them: "Noguidance"); the bitmap default on Pillow < 10.1."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def text_width(font, text: str) -> int:
+    return int(font.getlength(text)) if hasattr(font, "getlength") else 6 * len(text)
+
+
 def save_image(path: str | Path, image: Tensor) -> Path:
     """Save a uint8 (H, W, C) image as PNG, atomically."""
     arr = image.cpu().numpy()
