@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from erg.guidance import build_guidance
 from erg.sampler import GuidedSampler, SamplerConfig
-from scripts.benchmark_sampling import method_config, sync
+from scripts.benchmark_sampling import method_config, ratios, sync
 
 # table name -> configs/guidance/ config of the text-to-image MMDiT
 METHODS = {
@@ -112,15 +112,6 @@ def bench_method(args, table_name: str, mode: str, model, conditioning, conditio
         "warmup_s": round(warmup_s, 1),
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
     }
-
-
-def ratios(results: list[dict]) -> dict[str, float]:
-    out = {}
-    for mode in dict.fromkeys(r["mode"] for r in results):
-        by = {r["method"]: r for r in results if r["mode"] == mode}
-        if "erg" in by and "cfg" in by:
-            out[mode] = round(by["erg"]["seconds"] / by["cfg"]["seconds"], 3)
-    return out
 
 
 def markdown(results: list[dict], args, device_name: str, encoders: str) -> str:
