@@ -52,6 +52,17 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def setup_device(name: str) -> tuple[torch.device, str]:
+    """The benchmark device (TF32 matmuls on CUDA, as training and sampling use them) and its name for the
+    tables: the GPU's name, or the CPU's."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        return device, torch.cuda.get_device_name(device)
+    return device, f"CPU ({platform.processor() or platform.machine()})"
+
+
 def bench_one(args: argparse.Namespace, batch_size: int, mode: str, device: torch.device) -> dict:
     torch.manual_seed(0)
     model = build_dit(
@@ -165,15 +176,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--json", type=Path, default=None, help="write the raw results here")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    device_name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU ({platform.processor() or platform.machine()})"
-    )
+    device, device_name = setup_device(args.device)
     results = []
     for bs in args.batch_sizes:
         for mode in args.modes:

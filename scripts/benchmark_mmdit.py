@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ from models.dit import count_parameters
 from models.ema import ema_copy, ema_update
 from models.io import atomic_write_text
 from models.mmdit import build_mmdit, mmdit_flops_per_forward
-from scripts.benchmark import peak_tflops, sync
+from scripts.benchmark import peak_tflops, setup_device, sync
 
 
 def _build(args: argparse.Namespace, arch: str, device: torch.device) -> torch.nn.Module:
@@ -188,15 +187,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--json", type=Path, default=None, help="write the raw results here")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    device_name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU ({platform.processor() or platform.machine()})"
-    )
+    device, device_name = setup_device(args.device)
     results = []
     for arch in args.archs:
         for mode in args.modes:

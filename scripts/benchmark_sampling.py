@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -30,15 +29,11 @@ from erg.guidance import build_guidance
 from erg.sampler import GuidedSampler, SamplerConfig
 from models.checkpoints import build_dit
 from models.generation import compose_guidance
+from scripts.benchmark import setup_device, sync
 
 METHODS = [
     "none", "cfg", "apg", "cads", "pag", "seg", "sag", "autoguidance", "i_erg", "c_erg", "erg", "erg_apg", "erg_cads",
 ]  # fmt: skip
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def method_config(name: str, depth: int) -> dict:
@@ -133,15 +128,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--json", type=Path, default=None, help="write the raw results here")
     args = p.parse_args(argv)
 
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    device_name = (
-        torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU ({platform.processor() or platform.machine()})"
-    )
+    device, device_name = setup_device(args.device)
 
     def model(seed: int) -> torch.nn.Module:
         torch.manual_seed(seed)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from erg.guidance import build_guidance
 from erg.sampler import GuidedSampler, SamplerConfig
+from scripts.benchmark import setup_device
 from scripts.benchmark_sampling import method_config, ratios, sync
 
 # table name -> configs/guidance/ config of the text-to-image MMDiT
@@ -171,12 +171,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     from models.generation import prompts_conditioning
     from models.mmdit import build_mmdit
 
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    cpu = f"CPU ({platform.processor() or platform.machine()})"
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
+    device, device_name = setup_device(args.device)
     conditioner = build_conditioner(args, device).to(device)
     torch.manual_seed(0)
     model = build_mmdit(args.arch, input_size=args.input_size, in_channels=args.channels,
