@@ -100,7 +100,7 @@ class ShardDataModule(FlowDataModule):
         self.autoencoder = autoencoder
         # Cached text embeddings (scripts/precompute_text_embeddings.py): batches carry "text_encodings"
         # and training runs no text encoder (the run's text_encoder config is checked against the
-        # manifest when the stack is built, models.text_cache).
+        # manifest when the stack is built: data.text_embeddings.CachedTextConditioner).
         self.text_embeddings = resolve_folder(text_embeddings, shards)
         manifest = read_manifest(self.text_embeddings) if self.text_embeddings is not None else None
         common = dict(kind=kind, input_size=input_size, channels=channels, num_classes=num_classes,

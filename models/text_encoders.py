@@ -29,7 +29,7 @@ module put in training mode. bf16 on GPU, float32 on CPU (`dtype="auto"`).
 Training may keep the encodings of recent prompts in memory (`cache_size`, used only when the caller
 asks with `use_cache=True`: small caption sets such as the digits quickstart's templates are then
 encoded once), or read them from shards written once by scripts/precompute_text_embeddings.py
-(`data.text_embeddings`; `models.text_cache.CachedTextConditioner` then stands in for this stack and
+(`data.text_embeddings`; `data.text_embeddings.CachedTextConditioner` then stands in for this stack and
 no encoder weight is loaded). Both go through `TextStack`, so dropout, null input and layout are the same.
 """
 
@@ -459,7 +459,7 @@ def minilm(max_length: int = 32, device: str = "auto", dtype: str = "auto", norm
 class TextStack(nn.Module):
     """What a stack of encoders does with their encodings, whoever computed them: per-encoder dropout
     to the null input, padding policy, and the channel layout of the MMDiT's context. Shared by
-    `TextConditioner` (runs the encoders) and `models.text_cache.CachedTextConditioner` (reads the
+    `TextConditioner` (runs the encoders) and `data.text_embeddings.CachedTextConditioner` (reads the
     encodings that scripts/precompute_text_embeddings.py stored in shards), so both give the same tensors.
 
     sizes: encoder name -> (hidden_size d, pooled_size p, max_length L), in concatenation order.

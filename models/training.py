@@ -221,12 +221,12 @@ def _instantiate_text_encoder(cfg: DictConfig, model: Any) -> Any:
         return None
     from hydra.utils import instantiate
 
-    from data.text_embeddings import resolve_folder
+    from data.text_embeddings import CachedTextConditioner, resolve_folder
 
     cache = resolve_folder(cfg.data.get("text_embeddings"), cfg.data.get("shards"))
     try:
         if cache is not None:  # cached embeddings: the stack from the cache, no encoder weights loaded
-            from models.text_cache import CachedTextConditioner
+            from data.text_embeddings import CachedTextConditioner
 
             encoder = CachedTextConditioner(cache, OmegaConf.to_container(cfg.text_encoder, resolve=True))
         else:

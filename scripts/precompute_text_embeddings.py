@@ -16,7 +16,8 @@ output shard of the same name holding every member of each sample unchanged plus
 each of its --captions sources by each encoder (data/text_embeddings.py describes the format and the
 storage dtypes), so `data.captions` still draws one source at random per step. Next to the shards:
 text_embeddings.json (the encoders' identity, checked by training) and null_encodings.pt (each
-encoder's empty-prompt encoding, and the encodings of each --prompt for the sample grids). Shards are
+encoder's empty-prompt encoding, and the encodings of each --prompt for the sample grids), and the
+input's latents.json for latent shards (so training still checks the autoencoder). Shards are
 written atomically; a rerun skips finished shards and refuses to mix encoder setups in one folder.
 Unreadable input shards are not written (a rerun retries them) and are listed at the end.
 """
@@ -37,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import webdataset as wds
 
+from data.shard_datamodule import LATENTS_INFO
 from data.shard_decode import caption_texts, parse_caption_sources
 from data.shard_writer import check_manifest, write_shard
 from data.shards import SkipCounter, expand_urls
@@ -178,6 +180,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "padding": stack.padding, "null_input": stack.null_input, "prompts": prompts,
     })  # fmt: skip
     write_nulls(out / NULLS, stack, prompts)
+    for folder in sorted({Path(u).parent for u in urls if Path(u).is_file()}):  # latent shards: keep their record
+        if (folder / LATENTS_INFO).is_file() and not (out / LATENTS_INFO).is_file():
+            atomic_write_bytes(out / LATENTS_INFO, (folder / LATENTS_INFO).read_bytes())
 
     mine = urls[rank::world]
     todo = [u for u in mine if not (out / Path(u).name).is_file()]

