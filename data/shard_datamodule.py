@@ -3,6 +3,8 @@
     data.shards       training shards (brace pattern, list, folder, `pipe:` commands)
     data.val_shards   held-out shards for the validation loss (null: no validation)
     data.kind         images (decoded, ADM centre crop, optional flip) | latents (.npy, model space)
+    data.text_embeddings  null (text encoders run on the fly) | true | a folder: read the caption
+                      encodings cached by scripts/precompute_text_embeddings.py (data/text_embeddings.py)
 
 Training reads an endless stream of resampled shards per rank (`data.shards.TrainStream`);
 `epoch_batches` sets a fixed epoch length (batches per rank), otherwise training is one endless
@@ -29,6 +31,7 @@ from torch.utils.data import DataLoader
 from data.base import FlowDataModule
 from data.shard_decode import SampleDecoder
 from data.shards import DataConfigError, EvalStream, TrainStream, expand_urls
+from data.text_embeddings import read_manifest, resolve_folder
 from models.autoencoder import Autoencoder
 
 __all__ = ["DataErrorLog", "ShardDataModule"]
@@ -60,6 +63,7 @@ class ShardDataModule(FlowDataModule):
         max_consecutive_errors: int = 1000,
         seed: int = 0,
         autoencoder: Autoencoder | None = None,
+        text_embeddings: str | bool | None = None,
     ):
         if kind == "images":
             image_size = image_size or input_size
@@ -94,8 +98,13 @@ class ShardDataModule(FlowDataModule):
         self.prefetch_factor = prefetch_factor
         self.max_consecutive_errors = max_consecutive_errors
         self.autoencoder = autoencoder
+        # Cached text embeddings (scripts/precompute_text_embeddings.py): batches carry "text_encodings"
+        # and training runs no text encoder (the run's text_encoder config is checked against the
+        # manifest when the stack is built: data.text_embeddings.CachedTextConditioner).
+        self.text_embeddings = resolve_folder(text_embeddings, shards)
+        manifest = read_manifest(self.text_embeddings) if self.text_embeddings is not None else None
         common = dict(kind=kind, input_size=input_size, channels=channels, num_classes=num_classes,
-                      image_size=image_size, captions=captions)  # fmt: skip
+                      image_size=image_size, captions=captions, text_embeddings=manifest)  # fmt: skip
         self.train_decoder = SampleDecoder(**common, random_flip=random_flip)
         self.eval_decoder = SampleDecoder(**common, random_flip=False)
         if kind == "latents":

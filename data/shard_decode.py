@@ -9,7 +9,8 @@ Conventions read (the members users already have):
               data may carry several): one source is drawn at random per sample, as the paper mixes
               long and short captions.
 
-Output: {"x": float (C, H, W), "y": int (-1 without labels), "key": str} (+ "caption": str).
+Output: {"x": float (C, H, W), "y": int (-1 without labels), "key": str} (+ "caption": str, and with
+cached text embeddings (data/text_embeddings.py) "text_encodings": that caption's encodings per encoder).
 A corrupt sample raises (the stream skips and counts it); a sample that cannot match the config
 (latent shape, label out of range, missing labels for a class-conditional model) raises
 DataConfigError, which stops the run with the fix in the message.
@@ -27,9 +28,10 @@ import torch
 from PIL import Image
 
 from data.shards import DataConfigError
+from data.text_embeddings import decode_sample, source_tag
 from data.transforms import center_crop_arr, to_model_range
 
-__all__ = ["IMAGE_MEMBERS", "SampleDecoder", "decode_image", "parse_caption_sources"]
+__all__ = ["IMAGE_MEMBERS", "SampleDecoder", "caption_texts", "decode_image", "parse_caption_sources"]
 
 IMAGE_MEMBERS = ("jpg", "jpeg", "png", "webp")
 KINDS = ("images", "latents")
@@ -74,6 +76,7 @@ class SampleDecoder:
         image_size: int | None = None,
         captions: list[str] | None = None,
         random_flip: bool = False,
+        text_embeddings: dict[str, Any] | None = None,
     ):
         if kind not in KINDS:
             raise DataConfigError(f"data.kind must be one of {KINDS}, got {kind!r}")
@@ -86,13 +89,27 @@ class SampleDecoder:
         self.image_size = image_size or input_size
         self.captions = parse_caption_sources(captions)
         self.random_flip = random_flip
+        self.text_embeddings = text_embeddings  # the cache's manifest (data.text_embeddings), or None
+        if text_embeddings is not None:
+            if not self.captions:
+                raise DataConfigError("data.text_embeddings needs data.captions (the sources whose encodings to read)")
+            tags = [source_tag(m, f) for m, f in self.captions]
+            missing = [t for t in tags if t not in text_embeddings["sources"]]
+            if missing:
+                raise DataConfigError(
+                    f"data.captions names caption source(s) {missing} that the cached text embeddings do not hold "
+                    f"(they hold {text_embeddings['sources']}): re-run scripts/precompute_text_embeddings.py with "
+                    "--captions listing every source of data.captions, or drop those sources from data.captions"
+                )
 
     def __call__(self, sample: dict[str, Any], rng: random.Random | None = None) -> dict[str, Any]:
         flip = self.random_flip and rng is not None and rng.random() < 0.5
         x = self._latent(sample, flip) if self.kind == "latents" else self._image(sample, flip)
         out: dict[str, Any] = {"x": x, "y": self._label(sample), "key": sample["__key__"]}
         if self.captions:
-            out["caption"] = self._caption(sample, rng)
+            tag, out["caption"] = self._caption(sample, rng)
+            if self.text_embeddings is not None:
+                out["text_encodings"] = decode_sample(sample, tag, self.text_embeddings)
         return out
 
     # --- model input -------------------------------------------------------------------------------
@@ -131,20 +148,27 @@ class SampleDecoder:
             raise ValueError(f"label {label} outside [0, {self.num_classes}) in sample {sample['__key__']}")
         return label
 
-    def _caption(self, sample: dict[str, Any], rng: random.Random | None) -> str:
-        meta = None
-        available = []
-        for member, field in self.captions:
-            if member == "txt":
-                text = sample.get("txt", b"").decode("utf-8").strip()
-            else:
-                if meta is None:
-                    meta = json.loads(sample["json"]) if "json" in sample else {}
-                value = meta.get(field)
-                text = value.strip() if isinstance(value, str) else ""
-            if text:
-                available.append(text)
+    def _caption(self, sample: dict[str, Any], rng: random.Random | None) -> tuple[str, str]:
+        """(source tag, caption): one of the sample's non-empty caption sources."""
+        available = caption_texts(sample, self.captions)
         if not available:
             raise ValueError(f"sample {sample['__key__']} has none of the caption sources {self.captions}")
         # Training draws a source at random; evaluation (no rng) takes the first available one.
         return rng.choice(available) if rng is not None else available[0]
+
+
+def caption_texts(sample: dict[str, Any], sources: list[tuple[str, str | None]]) -> list[tuple[str, str]]:
+    """The sample's non-empty captions, in the order of `sources` (parsed): [(source tag, text), ...]."""
+    meta = None
+    available = []
+    for member, field in sources:
+        if member == "txt":
+            text = sample.get("txt", b"").decode("utf-8").strip()
+        else:
+            if meta is None:
+                meta = json.loads(sample["json"]) if "json" in sample else {}
+            value = meta.get(field)
+            text = value.strip() if isinstance(value, str) else ""
+        if text:
+            available.append((source_tag(member, field), text))
+    return available

@@ -185,6 +185,11 @@ def _collate(samples: list[dict[str, Any]], counter: SkipCounter, stream_id: str
     }
     if "caption" in samples[0]:
         batch["caption"] = [s["caption"] for s in samples]
+    if "text_encodings" in samples[0]:  # cached embeddings: encoder -> tokens (B, L, d), mask (B, L), pooled (B, p)
+        batch["text_encodings"] = {
+            name: {k: torch.stack([s["text_encodings"][name][k] for s in samples]) for k in parts}
+            for name, parts in samples[0]["text_encodings"].items()
+        }
     # Cumulative counts of this stream (plain ints: logging them needs no device sync).
     batch["data_errors"] = (stream_id, counter.shards, counter.samples)
     return batch

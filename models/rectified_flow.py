@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from erg.flow import interpolate, sample_timesteps, velocity_target
 from erg.sampling import sample_seed
 from models.ema import ema_copy, ema_update
+from models.text_encoders import TextEncoding
 
 __all__ = ["EMAConfig", "FlowConfig", "OptimConfig", "RectifiedFlowModule", "WarmupSchedule"]
 
@@ -219,9 +220,12 @@ class RectifiedFlowModule(L.LightningModule):
     @torch.no_grad()
     def encode_captions(self, batch: dict[str, Any], g: torch.Generator | None) -> tuple[Tensor, Tensor | None]:
         """The frozen text encoder's (context, pooled) for the batch's captions. With a generator, each
-        encoder is dropped per sample with its probability (the paper: sqrt(0.1) each), drawn from `g`."""
+        encoder is dropped per sample with its probability (the paper: sqrt(0.1) each), drawn from `g`.
+        Batches of cached shards (data.text_embeddings) carry the encodings ("text_encodings"): the same
+        dropout then applies to them and no encoder runs."""
         captions = batch.get("caption")
-        if captions is None:
+        cached = batch.get("text_encodings")
+        if captions is None and cached is None:
             raise ValueError(
                 "this is a text-to-image run (text_encoder is set) but the batches carry no captions: use data "
                 "with captions (data=text_image_shards with data.captions=[txt,...], or data=digits_captions)"
@@ -230,8 +234,11 @@ class RectifiedFlowModule(L.LightningModule):
         device = batch["x"].device
         if next(encoder.buffers()).device != device:
             encoder.to(device)
-        drop = encoder.drop_mask(len(captions), generator=g) if g is not None else None
-        cond = encoder(list(captions), drop, use_cache=True)
+        drop = encoder.drop_mask(batch["x"].shape[0], generator=g) if g is not None else None
+        if cached is not None:
+            cond = encoder.condition({name: TextEncoding(**cached[name]) for name in encoder.names}, drop)
+        else:
+            cond = encoder(list(captions), drop, use_cache=True)
         return cond.context, cond.pooled
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

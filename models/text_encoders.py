@@ -28,7 +28,9 @@ Frozen: parameters never require grad and the modules stay in eval mode (no drop
 module put in training mode. bf16 on GPU, float32 on CPU (`dtype="auto"`).
 Training may keep the encodings of recent prompts in memory (`cache_size`, used only when the caller
 asks with `use_cache=True`: small caption sets such as the digits quickstart's templates are then
-encoded once). Cached embeddings in shards are not implemented (the encoders run on the fly).
+encoded once), or read them from shards written once by scripts/precompute_text_embeddings.py
+(`data.text_embeddings`; `data.text_embeddings.CachedTextConditioner` then stands in for this stack and
+no encoder weight is loaded). Both go through `TextStack`, so dropout, null input and layout are the same.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ __all__ = [
     "TextConditioner",
     "TextEncoder",
     "TextEncoding",
+    "TextStack",
     "minilm",
     "minilm_path",
 ]
@@ -453,84 +456,74 @@ def minilm(max_length: int = 32, device: str = "auto", dtype: str = "auto", norm
 
 
 # --- several encoders --------------------------------------------------------------------------------
-class TextConditioner(nn.Module):
-    """Several frozen encoders -> the MMDiT's `TextCondition`; per-encoder dropout for guidance training.
+class TextStack(nn.Module):
+    """What a stack of encoders does with their encodings, whoever computed them: per-encoder dropout
+    to the null input, padding policy, and the channel layout of the MMDiT's context. Shared by
+    `TextConditioner` (runs the encoders) and `data.text_embeddings.CachedTextConditioner` (reads the
+    encodings that scripts/precompute_text_embeddings.py stored in shards), so both give the same tensors.
 
-    Args:
-        encoders: name -> TextEncoder, in the order their tokens are concatenated.
-        drop_prob: probability that each encoder is dropped for a training sample, independently
-            (the paper: sqrt(0.1), so that both of its two encoders are dropped ~10% of the time).
-        null_input: what a dropped encoder gives: "empty_prompt" (its encoding of "") or "zeros".
-        layout: "separate" (each encoder in its own channel block) or "padded" (SD3: zero-padded to
-            the widest); see the module docstring.
-        pooled_from: encoders whose pooled vector enters `pooled` (None: all; SD3 pools CLIPs only;
-            an empty list gives no pooled vector, pooled_dim = 0).
-        context_dim, pooled_dim: the widths the config declares (so that `model.context_dim` can be read
-            from the config without loading the encoders); checked against the encoders, None = unchecked.
-        cache_size: prompts whose encodings `forward(..., use_cache=True)` keeps in memory, per encoder
-            (least recently used dropped first; 0 = no cache). For training on a small caption set only:
-            the cache is never used unless asked for, so C-ERG's temperature hooks always see a real forward.
+    sizes: encoder name -> (hidden_size d, pooled_size p, max_length L), in concatenation order.
+    The other arguments are TextConditioner's (see there); `null` (name -> one-row TextEncoding) is
+    set with `set_null` once known.
     """
 
     def __init__(
         self,
-        encoders: Mapping[str, TextEncoder],
+        sizes: Mapping[str, tuple[int, int, int]],
         drop_prob: float = math.sqrt(0.1),
         null_input: str = "empty_prompt",
         layout: str = "separate",
         pooled_from: Sequence[str] | None = None,
         context_dim: int | None = None,
         pooled_dim: int | None = None,
-        cache_size: int = 0,
+        padding: str = "encoder",
     ):
         super().__init__()
-        if not encoders:
+        if not sizes:
             raise ValueError("TextConditioner needs at least one text encoder")
         if not 0 <= drop_prob < 1:
             raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
-        if cache_size < 0:
-            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
         if null_input not in ("empty_prompt", "zeros"):
             raise ValueError(f"null_input must be 'empty_prompt' or 'zeros', got {null_input!r}")
         if layout not in ("separate", "padded"):
             raise ValueError(f"layout must be 'separate' or 'padded', got {layout!r}")
-        self.encoders = nn.ModuleDict(dict(encoders))
-        unknown = sorted(set(pooled_from or ()) - set(self.encoders))
+        if padding not in ("encoder", "zeros"):
+            raise ValueError(f"padding must be 'encoder' or 'zeros', got {padding!r}")
+        self.names = list(sizes)
+        self.sizes = {name: tuple(int(v) for v in size) for name, size in sizes.items()}
+        unknown = sorted(set(pooled_from or ()) - set(self.names))
         if unknown:
-            raise ValueError(f"pooled_from names unknown encoders {unknown}; encoders: {list(self.encoders)}")
-        self.pooled_from = list(self.encoders) if pooled_from is None else list(pooled_from)
+            raise ValueError(f"pooled_from names unknown encoders {unknown}; encoders: {self.names}")
+        self.pooled_from = list(self.names) if pooled_from is None else list(pooled_from)
         self.drop_prob = float(drop_prob)
         self.null_input = null_input
         self.layout = layout
-        widths = [enc.hidden_size for enc in self.encoders.values()]
+        self.padding = padding
+        widths = [self.sizes[name][0] for name in self.names]
         self.context_dim = sum(widths) if layout == "separate" else max(widths)
         offsets = [sum(widths[:i]) if layout == "separate" else 0 for i in range(len(widths))]
-        self.offsets = dict(zip(self.encoders, offsets))
-        self.pooled_dim = sum(self.encoders[name].pooled_size for name in self.pooled_from)
-        self.context_tokens = sum(enc.max_length for enc in self.encoders.values())
+        self.offsets = dict(zip(self.names, offsets))
+        self.pooled_dim = sum(self.sizes[name][1] for name in self.pooled_from)
+        self.context_tokens = sum(self.sizes[name][2] for name in self.names)
         for key, declared, actual in (("context_dim", context_dim, self.context_dim),
                                       ("pooled_dim", pooled_dim, self.pooled_dim)):  # fmt: skip
             if declared is not None and declared != actual:
-                widths = ", ".join(f"{n}: {e.hidden_size} / pooled {e.pooled_size}" for n, e in self.encoders.items())
+                widths = ", ".join(f"{n}: {d} / pooled {p}" for n, (d, p, _) in self.sizes.items())
                 raise ValueError(
                     f"text_encoder.{key}={declared} but its encoders give {actual} ({layout} layout of {widths}): "
                     f"set text_encoder.{key}={actual} (model.{key} follows it)"
                 )
-        self.cache_size = int(cache_size)
-        self._cache: dict[str, OrderedDict] = {name: OrderedDict() for name in encoders}  # prompt -> rows
-        # The null encodings, computed once (frozen encoders); buffers follow .to(device / dtype) and are
-        # not saved in checkpoints.
-        for name, enc in self.encoders.items():
-            empty = enc([""])
-            if null_input == "zeros":
-                empty = TextEncoding(torch.zeros_like(empty.tokens), empty.mask, torch.zeros_like(empty.pooled))
-            self.register_buffer(f"_null_tokens_{name}", empty.tokens, persistent=False)
-            self.register_buffer(f"_null_pooled_{name}", empty.pooled, persistent=False)
-            self.register_buffer(f"_null_mask_{name}", empty.mask, persistent=False)
 
-    def train(self, mode: bool = True) -> TextConditioner:
+    def train(self, mode: bool = True) -> TextStack:
         """Frozen: the encoders stay in eval mode."""
         return super().train(False)
+
+    def set_null(self, name: str, null: TextEncoding) -> None:
+        """Encoder `name`'s null input, one row (what `null_encoding` returns). Buffers follow
+        .to(device / dtype) and are not saved in checkpoints."""
+        self.register_buffer(f"_null_tokens_{name}", null.tokens, persistent=False)
+        self.register_buffer(f"_null_pooled_{name}", null.pooled, persistent=False)
+        self.register_buffer(f"_null_mask_{name}", null.mask, persistent=False)
 
     def null_encoding(self, name: str) -> TextEncoding:
         """What encoder `name` gives when dropped, one row: (1, L, d), (1, L), (1, p)."""
@@ -540,61 +533,45 @@ class TextConditioner(nn.Module):
             getattr(self, f"_null_pooled_{name}"),
         )
 
+    def apply_padding(self, out: TextEncoding) -> TextEncoding:
+        """padding="zeros": tokens at padding positions (mask False) become 0 (what a cache storing only
+        the real tokens can reproduce); "encoder": the encoder's own outputs there (SD3 feeds them)."""
+        if self.padding == "encoder":
+            return out
+        return TextEncoding(torch.where(out.mask.unsqueeze(-1), out.tokens, 0), out.mask, out.pooled)
+
     def drop_mask(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """Which rows drop which encoder: name -> (B,) bool, each True with probability `drop_prob`,
         independently per encoder and row (draws on the generator's device, returned on CPU)."""
         device = generator.device if generator is not None else "cpu"
         return {
             name: (torch.rand(batch_size, generator=generator, device=device) < self.drop_prob).cpu()
-            for name in self.encoders
+            for name in self.names
         }
 
-    def forward(
-        self, prompts: Sequence[str], drop: Mapping[str, Tensor] | None = None, use_cache: bool = False
-    ) -> TextCondition:
-        """Encode prompts; rows where `drop[name]` is True get encoder `name`'s null encoding.
-
-        use_cache: take the encodings of prompts seen before from the in-memory cache (`cache_size`);
-        training only (a frozen encoder gives the same encoding every time).
-        """
-        if isinstance(prompts, str):
-            raise TypeError("prompts must be a sequence of strings, got a single string")
-        unknown = sorted(set(drop or {}) - set(self.encoders))
+    def condition(self, parts: Mapping[str, TextEncoding], drop: Mapping[str, Tensor] | None = None) -> TextCondition:
+        """Every encoder's encoding of the same B prompts -> the MMDiT's input; rows where `drop[name]`
+        is True get encoder `name`'s null encoding."""
+        if list(parts) != self.names:
+            raise ValueError(f"encodings of {list(parts)} given, this stack concatenates {self.names} (in this order)")
+        unknown = sorted(set(drop or {}) - set(self.names))
         if unknown:
-            raise ValueError(f"drop names unknown encoders {unknown}; encoders: {list(self.encoders)}")
-        B = len(prompts)
-        parts = {}
-        for name, enc in self.encoders.items():
-            out = self._cached(name, prompts) if use_cache and self.cache_size else enc(prompts)
+            raise ValueError(f"drop names unknown encoders {unknown}; encoders: {self.names}")
+        out = {}
+        for name, part in parts.items():
             rows = (drop or {}).get(name)
             if rows is not None:
+                B = part.tokens.shape[0]
                 if rows.shape != (B,):
                     raise ValueError(f"drop[{name!r}] must have shape ({B},), got {tuple(rows.shape)}")
-                out = self._replace_rows(out, self.null_encoding(name), rows.to(out.tokens.device))
-            parts[name] = out
-        return self._assemble(parts)
-
-    def _cached(self, name: str, prompts: Sequence[str]) -> TextEncoding:
-        """Encoder `name`'s encoding of `prompts`, encoding only the prompts not in its cache (once each)."""
-        cache = self._cache[name]
-        new = [p for p in dict.fromkeys(prompts) if p not in cache]
-        if new:
-            out = self.encoders[name](new)
-            for i, p in enumerate(new):
-                cache[p] = (out.tokens[i], out.mask[i], out.pooled[i])
-        rows = []
-        for p in prompts:
-            cache.move_to_end(p)
-            rows.append(cache[p])
-        while len(cache) > max(self.cache_size, len(set(prompts))):
-            cache.popitem(last=False)
-        device = self.encoders[name].device  # the conditioner may have moved since a row was cached
-        return TextEncoding(*(torch.stack(parts).to(device) for parts in zip(*rows)))
+                part = self._replace_rows(part, self.null_encoding(name), rows.to(part.tokens.device))
+            out[name] = part
+        return self._assemble(out)
 
     def unconditional(self, batch_size: int) -> TextCondition:
         """The unconditional input: every encoder dropped (its empty-prompt encoding, or zeros)."""
         parts = {}
-        for name in self.encoders:
+        for name in self.names:
             n = self.null_encoding(name)
             parts[name] = TextEncoding(
                 n.tokens.expand(batch_size, -1, -1), n.mask.expand(batch_size, -1), n.pooled.expand(batch_size, -1)
@@ -621,3 +598,94 @@ class TextConditioner(nn.Module):
             pooled=pooled,
             mask=torch.cat([p.mask for p in parts.values()], dim=1),
         )
+
+
+class TextConditioner(TextStack):
+    """Several frozen encoders -> the MMDiT's `TextCondition`; per-encoder dropout for guidance training.
+
+    Args:
+        encoders: name -> TextEncoder, in the order their tokens are concatenated.
+        drop_prob: probability that each encoder is dropped for a training sample, independently
+            (the paper: sqrt(0.1), so that both of its two encoders are dropped ~10% of the time).
+        null_input: what a dropped encoder gives: "empty_prompt" (its encoding of "") or "zeros".
+        layout: "separate" (each encoder in its own channel block) or "padded" (SD3: zero-padded to
+            the widest); see the module docstring.
+        pooled_from: encoders whose pooled vector enters `pooled` (None: all; SD3 pools CLIPs only;
+            an empty list gives no pooled vector, pooled_dim = 0).
+        context_dim, pooled_dim: the widths the config declares (so that `model.context_dim` can be read
+            from the config without loading the encoders); checked against the encoders, None = unchecked.
+        cache_size: prompts whose encodings `forward(..., use_cache=True)` keeps in memory, per encoder
+            (least recently used dropped first; 0 = no cache). For training on a small caption set only:
+            the cache is never used unless asked for, so C-ERG's temperature hooks always see a real forward.
+        padding: the tokens at padding positions: "encoder" (the encoder's outputs there, default, as
+            SD3) or "zeros". Embeddings cached in shards store only the real tokens with "zeros" (a
+            fraction of the size for short captions) and every position with "encoder".
+    """
+
+    def __init__(
+        self,
+        encoders: Mapping[str, TextEncoder],
+        drop_prob: float = math.sqrt(0.1),
+        null_input: str = "empty_prompt",
+        layout: str = "separate",
+        pooled_from: Sequence[str] | None = None,
+        context_dim: int | None = None,
+        pooled_dim: int | None = None,
+        cache_size: int = 0,
+        padding: str = "encoder",
+    ):
+        if cache_size < 0:
+            raise ValueError(f"cache_size must be >= 0, got {cache_size}")
+        sizes = {name: (enc.hidden_size, enc.pooled_size, enc.max_length) for name, enc in encoders.items()}
+        super().__init__(sizes, drop_prob, null_input, layout, pooled_from, context_dim, pooled_dim, padding)
+        self.encoders = nn.ModuleDict(dict(encoders))
+        self.cache_size = int(cache_size)
+        self._cache: dict[str, OrderedDict] = {name: OrderedDict() for name in encoders}  # prompt -> rows
+        # The null encodings, computed once (frozen encoders).
+        for name, enc in self.encoders.items():
+            empty = self.apply_padding(enc([""]))
+            if null_input == "zeros":
+                empty = TextEncoding(torch.zeros_like(empty.tokens), empty.mask, torch.zeros_like(empty.pooled))
+            self.set_null(name, empty)
+
+    def encode(self, prompts: Sequence[str], use_cache: bool = False) -> dict[str, TextEncoding]:
+        """Every encoder's encoding of `prompts` (padding policy applied, nothing dropped): name ->
+        tokens (B, L, d), mask (B, L), pooled (B, p). What scripts/precompute_text_embeddings.py stores."""
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a sequence of strings, got a single string")
+        return {
+            name: self.apply_padding(self._cached(name, prompts) if use_cache and self.cache_size else enc(prompts))
+            for name, enc in self.encoders.items()
+        }
+
+    def forward(
+        self, prompts: Sequence[str], drop: Mapping[str, Tensor] | None = None, use_cache: bool = False
+    ) -> TextCondition:
+        """Encode prompts; rows where `drop[name]` is True get encoder `name`'s null encoding.
+
+        use_cache: take the encodings of prompts seen before from the in-memory cache (`cache_size`);
+        training only (a frozen encoder gives the same encoding every time).
+        """
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a sequence of strings, got a single string")
+        unknown = sorted(set(drop or {}) - set(self.encoders))
+        if unknown:
+            raise ValueError(f"drop names unknown encoders {unknown}; encoders: {list(self.encoders)}")
+        return self.condition(self.encode(prompts, use_cache), drop)
+
+    def _cached(self, name: str, prompts: Sequence[str]) -> TextEncoding:
+        """Encoder `name`'s encoding of `prompts`, encoding only the prompts not in its cache (once each)."""
+        cache = self._cache[name]
+        new = [p for p in dict.fromkeys(prompts) if p not in cache]
+        if new:
+            out = self.encoders[name](new)
+            for i, p in enumerate(new):
+                cache[p] = (out.tokens[i], out.mask[i], out.pooled[i])
+        rows = []
+        for p in prompts:
+            cache.move_to_end(p)
+            rows.append(cache[p])
+        while len(cache) > max(self.cache_size, len(set(prompts))):
+            cache.popitem(last=False)
+        device = self.encoders[name].device  # the conditioner may have moved since a row was cached
+        return TextEncoding(*(torch.stack(parts).to(device) for parts in zip(*rows)))

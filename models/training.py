@@ -78,6 +78,11 @@ def _check_text_setup(cfg: DictConfig) -> None:
             f"model {cfg.model.get('arch') or cfg.model._target_} is text-conditioned (model.context_dim): choose "
             "its text encoders, e.g. text_encoder=llama3_t5 (the paper's) or text_encoder=minilm (offline)"
         )
+    if cfg.data.get("text_embeddings") and not text:
+        raise ConfigError(
+            "data.text_embeddings reads cached text encodings, but no text_encoder is set: name the text encoders "
+            "the cache was written with (e.g. text_encoder=llama3_t5), or drop data.text_embeddings"
+        )
     if text and not takes_text:
         raise ConfigError(
             "text_encoder is set but the model takes no text (no model.context_dim): use a text-to-image model "
@@ -216,11 +221,29 @@ def _instantiate_text_encoder(cfg: DictConfig, model: Any) -> Any:
         return None
     from hydra.utils import instantiate
 
+    from data.text_embeddings import CachedTextConditioner, resolve_folder
+
+    cache = resolve_folder(cfg.data.get("text_embeddings"), cfg.data.get("shards"))
     try:
-        encoder = instantiate(cfg.text_encoder)
+        if cache is not None:  # cached embeddings: the stack from the cache, no encoder weights loaded
+            from data.text_embeddings import CachedTextConditioner
+
+            encoder = CachedTextConditioner(cache, OmegaConf.to_container(cfg.text_encoder, resolve=True))
+        else:
+            encoder = instantiate(cfg.text_encoder)
+    except ConfigError:
+        raise
     except Exception as err:  # missing weights folders, declared widths that do not match: say so plainly
         cause = err.__cause__ if err.__cause__ is not None else err
         raise ConfigError(f"text_encoder: {cause}") from err
+    if cache is not None and cfg.samples.every_n_steps:
+        missing = [p for p in cfg.samples.get("prompts") or [] if p not in encoder.prompts]
+        if missing:
+            raise ConfigError(
+                f"samples.prompts {missing[:3]} are not in the cached text embeddings ({cache}), and a run on cached "
+                "embeddings loads no text encoder: pass them to scripts/precompute_text_embeddings.py --prompt, "
+                "or turn the sample grids off with samples.every_n_steps=0"
+            )
     for key in ("context_dim", "pooled_dim"):
         if getattr(model, key) != getattr(encoder, key):
             raise ConfigError(
