@@ -226,8 +226,6 @@ def _instantiate_text_encoder(cfg: DictConfig, model: Any) -> Any:
     cache = resolve_folder(cfg.data.get("text_embeddings"), cfg.data.get("shards"))
     try:
         if cache is not None:  # cached embeddings: the stack from the cache, no encoder weights loaded
-            from data.text_embeddings import CachedTextConditioner
-
             encoder = CachedTextConditioner(cache, OmegaConf.to_container(cfg.text_encoder, resolve=True))
         else:
             encoder = instantiate(cfg.text_encoder)
