@@ -118,7 +118,7 @@ def bench_one(args: argparse.Namespace, batch_size: int, mode: str, device: torc
         "mfu": round(tflops / peak, 3) if peak else None,
         "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
         "warmup_s": round(warmup_s, 1),
-        "final_loss": float(loss),
+        "final_loss": float(loss.detach()),
     }
     if mode == "compile":  # same weights, compiled vs eager forward
         eager = build_dit(
