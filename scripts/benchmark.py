@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.checkpoints import build_dit
 from models.dit import dit_flops_per_forward
 from models.ema import ema_update
+from models.io import atomic_write_text
 from models.rectified_flow import FlowConfig, RectifiedFlowModule
 
 # Dense bf16 tensor-core peaks (TFLOP/s), from the vendors' data sheets.
@@ -50,6 +51,15 @@ def peak_tflops(device: torch.device, override: float | None) -> float | None:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def write_results(out: Path | None, json_path: Path | None, table: str, summary: dict) -> None:
+    """The markdown table (--out) and the raw results (--json), each written atomically (a benchmark
+    interrupted while writing never leaves half a table in docs/)."""
+    if out:
+        atomic_write_text(out, table)
+    if json_path:
+        atomic_write_text(json_path, json.dumps(summary, indent=2))
 
 
 def setup_device(name: str) -> tuple[torch.device, str]:
@@ -185,12 +195,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             results.append(r)
     table = markdown(results, device_name)
     print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"device": device_name, "results": results}, indent=2))
+    write_results(args.out, args.json, table, {"device": device_name, "results": results})
     return results
 
 

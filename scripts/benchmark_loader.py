@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from data.shard_decode import SampleDecoder
 from data.shard_writer import write_shard
 from data.shards import TrainStream, expand_urls
+from scripts.benchmark import write_results
 
 
 def synthetic_latent_shards(folder: Path, samples: int, per_shard: int, shape: tuple[int, int, int]) -> str:
@@ -138,12 +139,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     train = best_training_rate(args.train_json) if args.train_json else None
     table = markdown(results, args, train)
     print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
-    if args.json:
-        args.json.write_text(json.dumps({"host": platform.node(), "shape": shape, "results": results,
-                                         "train": train}, indent=1))  # fmt: skip
+    summary = {"host": platform.node(), "shape": shape, "results": results, "train": train}
+    write_results(args.out, args.json, table, summary)
     return results
 
 

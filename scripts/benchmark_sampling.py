@@ -29,7 +29,7 @@ from erg.guidance import build_guidance
 from erg.sampler import GuidedSampler, SamplerConfig
 from models.checkpoints import build_dit
 from models.generation import compose_guidance
-from scripts.benchmark import setup_device, sync
+from scripts.benchmark import setup_device, sync, write_results
 
 METHODS = [
     "none", "cfg", "apg", "cads", "pag", "seg", "sag", "autoguidance", "i_erg", "c_erg", "erg", "erg_apg", "erg_cads",
@@ -146,13 +146,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             results.append(r)
     table = markdown(results, args, device_name)
     print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        summary = {"device": device_name, "ratios": ratios(results), "results": results}
-        args.json.write_text(json.dumps(summary, indent=2))
+    write_results(args.out, args.json, table, {"device": device_name, "ratios": ratios(results), "results": results})
     return results
 
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from erg.guidance import build_guidance
 from erg.sampler import GuidedSampler, SamplerConfig
-from scripts.benchmark import setup_device
+from scripts.benchmark import setup_device, write_results
 from scripts.benchmark_sampling import method_config, ratios, sync
 
 # table name -> configs/guidance/ config of the text-to-image MMDiT
@@ -186,13 +186,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             results.append(r)
     table = markdown(results, args, device_name, args.text_encoder)
     print(table)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(table)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        summary = {"device": device_name, "ratios": ratios(results), "results": results}
-        args.json.write_text(json.dumps(summary, indent=2))
+    write_results(args.out, args.json, table, {"device": device_name, "ratios": ratios(results), "results": results})
     return results
 
 
