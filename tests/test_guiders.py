@@ -334,14 +334,35 @@ def test_block_skip_on_mmdit_keeps_both_streams_in_place(skip):
         torch.testing.assert_close(out[:2], _mmdit_skipping(model, x, t, ctx, pooled, set()), atol=1e-5, rtol=1e-5)
 
 
-def test_reference_bug_diffusers_block_skip_hook_swaps_sd3_streams():
+def _tiny_sd3_transformer():
     from diffusers import SD3Transformer2DModel
-    from diffusers.hooks.layer_skip import LayerSkipConfig, _apply_layer_skip_hook
 
     torch.manual_seed(0)
-    tr = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
-                               num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
-                               pooled_projection_dim=6, out_channels=4, pos_embed_max_size=8).eval()  # fmt: skip
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=8,
+                                 num_attention_heads=2, joint_attention_dim=12, caption_projection_dim=16,
+                                 pooled_projection_dim=6, out_channels=4, pos_embed_max_size=8).eval()  # fmt: skip
+
+
+def test_reference_bug_diffusers_slg_layers_argument_fails():
+    """docs/reference_bugs.md, SLG 3: `skip_layer_guidance_layers=[7, 8, 9]` (the docstring's recommendation)
+    becomes one LayerSkipConfig per layer with an int `indices`, and the hook fails on `len(indices)` at the
+    first skip-layer batch."""
+    from diffusers.guiders import SkipLayerGuidance
+
+    guider = SkipLayerGuidance(skip_layer_guidance_layers=[1], skip_layer_guidance_stop=1.0)
+    assert [c.indices for c in guider.skip_layer_config] == [1]  # an int, not [1]
+    guider.set_state(step=1, num_inference_steps=4, timestep=torch.tensor(0))
+    tr = _tiny_sd3_transformer()
+    guider.prepare_models(tr), guider.prepare_models(tr)  # cond, uncond
+    with pytest.raises(TypeError, match="has no len"):
+        guider.prepare_models(tr)  # the skip-layer batch
+    assert build_guidance({"method": "slg", "layers": [7, 10]}).branch("perturbed").perturbation.layers == {7, 8, 9}
+
+
+def test_reference_bug_diffusers_block_skip_hook_swaps_sd3_streams():
+    from diffusers.hooks.layer_skip import LayerSkipConfig, _apply_layer_skip_hook
+
+    tr = _tiny_sd3_transformer()
     x, ctx, pooled, t = torch.randn(1, 4, 8, 8), torch.randn(1, 5, 12), torch.randn(1, 6), torch.tensor([500.0])
     block = tr.transformer_blocks[1]
     h, e, temb = torch.randn(1, 16, 16), torch.randn(1, 5, 16), torch.randn(1, 16)
@@ -486,7 +507,28 @@ def test_interval_config_errors_say_how_to_fix():
         build_guidance({"method": "cfg", "interval": [0.8, 0.2]})
 
 
-# --- SEG: diffusers' hook swaps sigma = inf and finite ----------------------------------------------
+# --- SEG: diffusers' hook swaps sigma = inf and finite, and its guider never attaches it --------------
+def test_reference_bug_diffusers_seg_guider_never_attaches_its_hook():
+    """docs/reference_bugs.md, SEG 2: SmoothedEnergyGuidance.prepare_models never counts its calls, so the
+    condition `_count_prepared > 1` for the perturbed batch never holds: the "SEG" batch is the plain
+    conditional prediction. SkipLayerGuidance, written the same way, counts and hooks."""
+    from diffusers.guiders import SkipLayerGuidance, SmoothedEnergyGuidance
+    from diffusers.hooks.layer_skip import LayerSkipConfig
+
+    hooked = lambda model: [n for n, m in model.named_modules() if getattr(m, "_diffusers_hook", None) is not None]
+    slg = SkipLayerGuidance(skip_layer_config=LayerSkipConfig([1], fqn="auto"), skip_layer_guidance_stop=1.0)
+    for guider, expect in ((SmoothedEnergyGuidance(seg_guidance_layers=[1]), False), (slg, True)):
+        tr = _tiny_sd3_transformer()
+        guider.set_state(step=1, num_inference_steps=4, timestep=torch.tensor(0))
+        for _ in range(guider.num_conditions):  # the pipeline prepares the model once per batch
+            guider.prepare_models(tr)
+        assert bool(hooked(tr)) is expect, type(guider).__name__
+    assert SmoothedEnergyGuidance(seg_guidance_layers=[1])._count_prepared == 0
+    # ours: the perturbed branch carries its rectifier explicitly, whatever the order of evaluation
+    seg = build_guidance({"method": "seg", "layers": [1, 2]})
+    assert isinstance(seg.branch("perturbed").perturbation.rectifier, SmoothedEnergy)
+
+
 def test_reference_bug_diffusers_seg_swaps_infinite_and_finite_blur():
     """docs/reference_bugs.md, SEG 1: diffusers' `_gaussian_blur_2d` replaces the queries by their mean for a
     finite sigma and blurs them when sigma exceeds the "infinite" threshold; ours does the opposite, as SEG."""
