@@ -1,7 +1,7 @@
 """Every GPU figure of the project from one budgeted command (`make bench-gpu`).
 
-    python scripts/benchmark_all.py --budget-s 360                       # GPU: docs/benchmarks/<gpu>.md and .json
-    python scripts/benchmark_all.py --budget-s 360 --out $OUT/docs/benchmarks       # on the lent GPU machine
+    python scripts/benchmark_all.py --budget-s 380                       # GPU: docs/benchmarks/<gpu>.md and .json
+    python scripts/benchmark_all.py --budget-s 380 --out $OUT/docs/benchmarks       # on the lent GPU machine
     python scripts/benchmark_all.py --preset cpu --budget-s 240 --out /tmp/rehearsal  # the CPU rehearsal
     python scripts/benchmark_all.py --stages sampling --set sampling.methods=pag,seg,sag    # a follow-up run
 

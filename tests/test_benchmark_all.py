@@ -226,3 +226,32 @@ def test_an_item_that_would_not_fit_is_skipped_inside_a_stage():
     assert rows[1]["mode"] == "compile" and rows[1]["skipped"].startswith("skipped: needs ~1000")
     assert "compile ~1000000 s" in rows[1]["skipped"]
     assert "| 2 | compile | skipped: needs ~" in benchmark.markdown(rows, cfg, "CPU")
+
+
+def test_the_cuda_branch_of_the_probe_and_the_header(monkeypatch):
+    """What only the GPU run executes, with torch.cuda answering as the H200 would: the environment, the
+    file name, the header of the tables and the bf16 peak used for MFU."""
+    from types import SimpleNamespace
+
+    from scripts import benchmark_all
+
+    props = SimpleNamespace(name="NVIDIA H200", total_memory=143771 * 2**20, major=9, minor=0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: props.name)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91002)
+    monkeypatch.setattr(benchmark_all, "_driver_version", lambda: "580.159.04")
+    env = benchmark_all.probe("cuda")
+    assert (env["device"], env["gpu_memory_gib"], env["capability"], env["cudnn"]) == (
+        "NVIDIA H200",
+        140.4,
+        "9.0",
+        91002,
+    )
+    assert benchmark_all.slug(env["device"]) == "nvidia-h200"
+    doc = {"name": "nvidia-h200", "preset": "gpu", "command": "python scripts/benchmark_all.py", "budget_s": 380,
+           "started": "2026-12-01T00:00:00+00:00", "spent_s": 12.0, "env": env, "stages": {}}  # fmt: skip
+    head = benchmark_all.render(doc).splitlines()[2]
+    assert "**NVIDIA H200** (140.4 GiB, compute capability 9.0, driver 580.159.04)" in head
+    assert f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN 91002" in head
+    assert benchmark.peak_tflops(torch.device("cuda"), None) == 989.4
