@@ -164,10 +164,13 @@ def test_grid_mode_draws_a_row_per_method(ckpt, tmp_path):
 
 
 def _cli(*args, env=None, cwd=ROOT):
+    # the test process' thread count (tests/conftest.py): a child computing with other threads need not
+    # round alike, and its files are compared with this process' byte for byte
+    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
     return subprocess.Popen(
         [sys.executable, "sample.py", *args],
         cwd=cwd,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, **threads, **(env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
