@@ -117,6 +117,9 @@ class GuidedSampler:
                         f"(blocks 0..{n - 1}): layers {bad} do not exist. Choose a range inside the model, "
                         f"e.g. its middle blocks {origin}=[{mid},{max(round(n * 15 / 28), mid + 1)}]"
                     )
+            check_text = getattr(self.conditionings[b.model], "check", None)
+            if b.condition.text is not None and check_text is not None:  # C-ERG layers: now, not mid-run
+                check_text(b.condition.text)
             if b.condition.noise is not None:
                 keys = b.condition.noise.keys or self.conditionings[b.model].noisable
                 if not keys:
