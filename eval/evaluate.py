@@ -308,7 +308,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     try:
         write_record(out_path, record)
     except OSError as err:  # e.g. samples in a read-only folder: the numbers must not be lost
-        reason = err.strerror or type(err).__name__
+        reason = f"{err.strerror}: {err.filename}" if err.strerror and err.filename else (err.strerror or repr(err))
         raise MetricsWriteError(
             f"could not write {out_path} ({reason}); the metrics are printed above. Write them elsewhere "
             "with out=<file>, e.g. out=metrics/run.metrics.json",

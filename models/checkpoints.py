@@ -48,8 +48,8 @@ def read_checkpoint(path: str | Path, what: str = "checkpoint", mmap: bool = Fal
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
         except pickle.UnpicklingError as err:
             refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
-            if refused or "Weights only load failed" in str(err):
-                name = refused.group(1) if refused else "a Python object"
+            if refused:  # a pickle of Python objects (not garbage: that fails otherwise)
+                name = refused.group(1)
                 raise ConfigError(
                     f"{what}={path} was refused: it pickles {name}, and unpickling it would run code from the "
                     "file; checkpoints are read as weights only (tensors, numbers, strings). Re-save its weights "
