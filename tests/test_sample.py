@@ -215,7 +215,7 @@ def test_prompt_files_give_each_index_its_prompt(tmp_path):
             raise AssertionError("not needed here")
 
     prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red cube\n\nthree dogs on a sofa\n")
+    prompts.write_text("a red cube\nthree dogs on a sofa\n\n")  # (blank lines inside are refused: test_errors.py)
     conds = Conditions({"prompts": str(prompts), "per_prompt": 2, "seed": 5, "num_samples": None}, TextModel())
     assert conds.num_samples == 4
     assert conds.of(range(4)) == ["a red cube", "a red cube", "three dogs on a sofa", "three dogs on a sofa"]
