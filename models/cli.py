@@ -46,8 +46,11 @@ _NOT_WRITABLE = {
 # --- errors ----------------------------------------------------------------------------------------
 def one_line(text: str) -> str:
     """A message on one line: its lines joined with '; ' (a message listing several items stays readable)."""
-    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
-    return "; ".join(lines)
+    out = ""
+    for line in (line.strip() for line in str(text).splitlines()):
+        if line:
+            out += (" " if out.endswith(":") else "; " if out else "") + line
+    return out
 
 
 def fail(message: str) -> NoReturn:

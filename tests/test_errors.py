@@ -371,3 +371,12 @@ def test_a_read_only_run_folder_from_the_command_line(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert len(lines) == 1 and f"cannot write {shared / 'run'}" in lines[0], out.stderr
     assert "run_dir=<folder>" in lines[0]
+
+
+def test_a_message_listing_several_items_still_prints_on_one_line(capsys, files, tmp_path):
+    """E.g. an out_dir holding samples of other settings lists what changed."""
+    first = sample_cfg(files, tmp_path, "classes=[0]", "sampler.steps=1")
+    sample(first)
+    again = sample_cfg(files, tmp_path, "classes=[1]", "sampler.steps=1", "seed=3")
+    line = fails(capsys, lambda: sample(again), again)
+    assert "already holds samples made with other settings: classes: [0] -> [1]; seed: 0 -> 3; Use another" in line
