@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= all
 
-.PHONY: quickstart quickstart-t2i test test-slow bench-gpu bench-cpu lint format clean-venv
+.PHONY: quickstart quickstart-t2i docs-images test test-slow bench-gpu bench-cpu lint format clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ quickstart: $(VENV)/.installed
 ## no guidance / CFG / C-ERG / I-ERG / ERG samples (CPU, offline, minutes).
 quickstart-t2i: $(VENV)/.installed
 	$(PY) scripts/quickstart_t2i.py
+
+## The README's pictures (docs/images/): both quickstarts (resumable: a rerun only copies), then their
+## method grid, Pareto plot and text-to-image grid, downsized. scripts/docs_images.py
+docs-images: $(VENV)/.installed
+	$(PY) scripts/quickstart.py
+	$(PY) scripts/quickstart_t2i.py
+	$(PY) scripts/docs_images.py
 
 ## The default test suite (fast, CPU); CI runs exactly this through .ci/run.
 test: $(VENV)/.installed
