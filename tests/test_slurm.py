@@ -99,16 +99,21 @@ def test_requeue_signal_saves_requeues_and_the_next_job_continues_exactly(tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _sbatch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    """Run slurm/train.sbatch as SLURM would on the first node, with `srun` replaced by a recorder."""
+def _sbatch(tmp_path: Path, *args: str, **slurm_env: str) -> subprocess.CompletedProcess:
+    """Run slurm/train.sbatch as SLURM would on the first node, with `srun` replaced by a recorder of its
+    arguments and of the thread settings its tasks would inherit."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "srun").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "srun_args"}\n')
+    (bin_dir / "srun").write_text(
+        f'#!/bin/sh\necho "$@" > {tmp_path / "srun_args"}\necho "$OMP_NUM_THREADS $SRUN_CPUS_PER_TASK" > '
+        f"{tmp_path / 'srun_threads'}\n"
+    )
     (bin_dir / "srun").chmod(0o755)
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True, exist_ok=True)
     (venv / "bin" / "activate").write_text("")
-    env = {**os.environ, **SLURM_ENV, "SLURM_NNODES": "4", "SLURM_NTASKS_PER_NODE": "8(x4)",
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "OMP_NUM_THREADS"}
+    env = {**env, **SLURM_ENV, "SLURM_NNODES": "4", "SLURM_NTASKS_PER_NODE": "8(x4)", **slurm_env,
            "PATH": f"{bin_dir}:{os.environ['PATH']}", "ERG_REPO": str(ROOT), "ERG_VENV": str(venv)}  # fmt: skip
     return subprocess.run(["bash", str(ROOT / "slurm" / "train.sbatch"), *args], env=env, capture_output=True,
                           text=True, timeout=60)  # fmt: skip
@@ -118,14 +123,29 @@ def test_sbatch_template_runs_one_task_per_gpu_and_resumes_by_name(tmp_path):
     text = (ROOT / "slurm" / "train.sbatch").read_text()
     for directive in ("--ntasks-per-node=8", "--gpus-per-node=8", "--signal=USR1@120", "--requeue"):
         assert f"#SBATCH {directive}" in text
-    result = _sbatch(tmp_path, "experiment=imagenet256_dit_xl2", "name=dit")
+    gpus = {"SLURM_CPUS_PER_TASK": "10", "SLURM_GPUS_ON_NODE": "8", "OMP_NUM_THREADS": "64"}
+    result = _sbatch(tmp_path, "experiment=imagenet256_dit_xl2", "name=dit", **gpus)
     assert result.returncode == 0, result.stderr
     args = (tmp_path / "srun_args").read_text().split()
     assert args[:3] == ["--kill-on-bad-exit=1", "python", "train.py"]
     assert args[3:] == ["trainer=multinode", "trainer.num_nodes=4", "trainer.devices=8", "resume=auto",
                         "experiment=imagenet256_dit_xl2", "name=dit"]  # fmt: skip
+    # the tasks' threads follow --cpus-per-task (not the submitting shell's OMP_NUM_THREADS), and srun
+    # is told the CPUs per task (Slurm 22.05's srun does not inherit them from sbatch)
+    assert (tmp_path / "srun_threads").read_text().split() == ["10", "10"]
+    assert "4 node(s) x 8 task(s) x 10 CPU(s), 8 GPU(s) per node; OMP_NUM_THREADS=10" in result.stdout
     refused = _sbatch(tmp_path, "experiment=imagenet256_dit_xl2")
     assert refused.returncode == 2 and "give name=<run name>" in refused.stderr
+
+
+def test_sbatch_template_on_cpus_names_no_gpus(tmp_path):
+    """A CPU job (--gpus-per-node=0, or none asked): no GPU count printed; one thread per task by default."""
+    cpu = {"SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": "2", "SLURM_GPUS_PER_NODE": "0"}
+    result = _sbatch(tmp_path, "name=cpu", "trainer.accelerator=cpu", **cpu)
+    assert result.returncode == 0, result.stderr
+    assert "1 node(s) x 2 task(s) x 1 CPU(s) per node; OMP_NUM_THREADS=1" in result.stdout
+    assert "GPU" not in result.stdout
+    assert (tmp_path / "srun_threads").read_text().split() == ["1", "1"]
 
 
 def test_submitit_launcher_config_composes():
