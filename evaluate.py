@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -27,14 +26,13 @@ log = logging.getLogger("erg.eval")
 @hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
     from eval.evaluate import run
-    from models.runtime import ConfigError
+    from models.runtime import ConfigError, exit_with_error
 
     try:
         record = run(cfg)
     except (ConfigError, FileNotFoundError) as err:
         log.error("%s", err)
-        print(f"\nerror: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(err, 2)
     print(json.dumps(record["metrics"], indent=2))
     print(f"metrics written to {record['path']}")
     return record

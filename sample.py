@@ -12,7 +12,6 @@ Everything is assembled in models/generation.py; this file only parses the confi
 from __future__ import annotations
 
 import logging
-import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -23,14 +22,13 @@ log = logging.getLogger("erg.sample")
 @hydra.main(config_path="configs", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
     from models.generation import run
-    from models.runtime import ConfigError
+    from models.runtime import ConfigError, exit_with_error
 
     try:
         summary = run(cfg)
     except (ConfigError, FileNotFoundError) as err:
         log.error("%s", err)
-        print(f"\nerror: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(err, 2)
     log.info("done: %s", summary)
     if "grid" in summary:
         print(f"\nGrid of {summary['methods']} written to {summary['grid']}")

@@ -10,7 +10,6 @@ Everything is assembled in models/training.py; this file only parses the config 
 from __future__ import annotations
 
 import logging
-import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -20,18 +19,16 @@ log = logging.getLogger("erg.train")
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
-    from models.runtime import ConfigError
+    from models.runtime import ConfigError, exit_with_error
     from models.training import run
 
     try:
         summary = run(cfg)
     except (ConfigError, FileNotFoundError) as err:
         log.error("%s", err)
-        print(f"\nerror: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(err, 2)
     except FloatingPointError as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        sys.exit(1)
+        exit_with_error(err, 1)
     log.info("done: %s", summary)
     print(
         f"\nTrained to step {summary['step']} (train loss {summary['train_loss']}, val loss {summary['val_loss']}).\n"

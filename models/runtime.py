@@ -8,21 +8,25 @@ import difflib
 import inspect
 import os
 import re
+import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import fields, is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from models.io import atomic_write_text
 
 __all__ = [
     "ConfigError",
+    "JobFailed",
     "build_dataclass",
     "check_kwargs",
     "check_missing",
+    "exit_with_error",
     "find_resume_checkpoint",
     "flat_diff",
     "register_resolvers",
@@ -32,6 +36,33 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A user-fixable problem with the configuration; the message says how to fix it."""
+
+
+class JobFailed(CompactHydraException):
+    """A job of a Hydra multirun (`-m`) that ended with a message for the user. Hydra records it as the
+    job's result and, once every job of the sweep is done, the launching process prints the message (one
+    line, no traceback: a CompactHydraException) after the job's overrides and exits 1."""
+
+
+def in_multirun_job() -> bool:
+    """Whether this process runs one job of a Hydra multirun (the basic launcher, or submitit on SLURM)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def exit_with_error(message: object, code: int = 2) -> NoReturn:
+    """End an entry point with one line for the user: `error: <message>` on stderr and exit `code`.
+
+    In a job of a multirun, raise JobFailed instead, so the sweep fails with this message. A sys.exit
+    there would leave submitit's job without a result file: its launching process then learns of the end
+    only from sacct, and polls forever where SLURM keeps no accounting (issue 10, item 5).
+    """
+    print(f"\nerror: {message}", file=sys.stderr)
+    if in_multirun_job():
+        raise JobFailed(str(message))
+    sys.exit(code)
 
 
 # --- config checks ---------------------------------------------------------------------------------

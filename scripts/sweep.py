@@ -31,14 +31,13 @@ log = logging.getLogger("erg.sweep")
 @hydra.main(config_path="../configs", config_name="sweep", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
     from eval.sweep import print_report, run
-    from models.runtime import ConfigError
+    from models.runtime import ConfigError, exit_with_error
 
     try:
         summary = run(cfg)
     except (ConfigError, FileNotFoundError) as err:
         log.error("%s", err)
-        print(f"\nerror: {err}", file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(err, 2)
     if "report" in summary:
         print_report(summary["report"], summary["paths"])
     return {name: {k: v for k, v in r.items() if k != "records"} for name, r in summary["points"].items()}
