@@ -164,6 +164,21 @@ def test_submitit_launcher_config_composes():
     assert launcher.timeout_min > 0 and launcher.array_parallelism > 0 and launcher.signal_delay_s > 0
 
 
+def test_training_sweep_files_go_outside_every_run_folder():
+    """train.py -m: Hydra's (and submitit's) files of the sweep go to multirun/train/<time>, not into the
+    run folder of the base config or of a point (they used to land in ${run_dir}/multirun)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = hydra_compose("train", ["name=lr${optim.lr}", "hydra/launcher=submitit_slurm"], return_hydra_config=True)
+    sweep_dir = Path(cfg.hydra.sweep.dir)
+    assert sweep_dir.parts[:2] == ("multirun", "train") and "runs" not in sweep_dir.parts
+    assert Path(cfg.hydra.launcher.submitit_folder).parts[:3] == sweep_dir.parts[:3]
+
+
 def test_trainer_configs_build_their_strategies():
     from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
 
