@@ -22,6 +22,7 @@ set -euo pipefail
 DIR="${ERG_SLURM_DIR:-${TMPDIR:-/tmp}/erg-slurm-$(id -u)}"
 CONF="$DIR/etc/slurm.conf"
 PIDS="$DIR/run"
+MARK=.erg-local-cluster  # in $DIR: the folder is this script's (start clears only such a folder's parts)
 NOT_HERE=3
 
 say() { echo "local_cluster: $*" >&2; }
@@ -107,7 +108,9 @@ SlurmctldPort=$ctld_port
 SlurmdPort=$slurmd_port
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket=$DIR/munge/munge.socket
+# cred_expire (Slurm <= 24.x; newer: requeue_delay in SchedulerParameters): a requeued job waits this long
+# + 1 s before it may start again (default 120 s).
+AuthInfo=socket=$DIR/munge/munge.socket,cred_expire=10
 StateSaveLocation=$DIR/state
 SlurmdSpoolDir=$DIR/spool
 SlurmctldPidFile=$PIDS/slurmctld.pid
@@ -125,12 +128,13 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MpiDefault=none
+MailProg=/bin/true
 # A task per CPU.
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 # Fast scheduling: on every submit / end at once, and the full loops every 2 s / 1 s.
 SchedulerType=sched/backfill
-SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=1,sched_min_interval=0
+SchedulerParameters=batch_sched_delay=0,sched_interval=2,bf_interval=1,sched_min_interval=0,requeue_delay=11
 # Arrays: a sweep is one job array.
 MaxJobCount=10000
 MaxArraySize=10001
@@ -172,8 +176,12 @@ start() {
   fi
   [[ "$(id -u)" == 0 ]] || cannot "needs root (slurmd starts jobs as their user; apt-get installs the packages)"
   stop_daemons  # leftovers of an earlier start that died halfway (only what its pid files name)
-  rm -rf "$DIR"
+  if [[ -d "$DIR" && -n "$(ls -A "$DIR")" && ! -f "$DIR/$MARK" ]]; then
+    cannot "$DIR exists and is not a folder of this script: set ERG_SLURM_DIR to a new or empty folder"
+  fi
+  rm -rf "${DIR:?}"/{etc,state,spool,log,munge,run,tmp}  # a fresh cluster: no jobs or state of the last one
   mkdir -p "$DIR"/{etc,state,spool,log,munge,run,tmp}
+  touch "$DIR/$MARK"
   chmod 700 "$DIR" "$DIR/munge"
   install_packages
 
