@@ -20,11 +20,20 @@ log = logging.getLogger("erg.train")
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
+    from models.checkpoint_io import CheckpointWriteError
+    from models.preemption import RunStopped
     from models.runtime import ConfigError
     from models.training import run
 
     try:
         summary = run(cfg)
+    except RunStopped as err:  # SIGTERM / SIGINT / SIGUSR1: a checkpoint was saved; one line, from one rank
+        if err.rank == 0:
+            print(f"\n{err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except CheckpointWriteError as err:
+        print(f"\nerror: {err}", file=sys.stderr)
+        sys.exit(1)
     except (ConfigError, FileNotFoundError) as err:
         log.error("%s", err)
         print(f"\nerror: {err}", file=sys.stderr)
