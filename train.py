@@ -10,6 +10,7 @@ Everything is assembled in models/training.py; this file only parses the config 
 from __future__ import annotations
 
 import logging
+import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -19,11 +20,21 @@ log = logging.getLogger("erg.train")
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
+    from models.checkpoint_io import CheckpointWriteError
+    from models.preemption import RunStopped
     from models.runtime import ConfigError, exit_with_error
     from models.training import run
 
     try:
         summary = run(cfg)
+    except RunStopped as err:  # SIGTERM / SIGINT / SIGUSR1: a checkpoint was saved; one line, from one rank
+        if err.rank == 0:
+            print(f"\n{err}", file=sys.stderr)
+        # sys.exit also in a sweep job: the job may be requeued (USR1, or SLURM's preemption requeue), and a
+        # result written now would end the sweep's wait for it
+        sys.exit(err.exit_code)
+    except CheckpointWriteError as err:
+        exit_with_error(err, 1)
     except (ConfigError, FileNotFoundError) as err:
         log.error("%s", err)
         exit_with_error(err, 2)

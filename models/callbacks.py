@@ -7,13 +7,35 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from erg.guidance import build_guidance
 from erg.sampler import GuidedSampler, SamplerConfig
 from models.io import image_grid, save_image
 
-__all__ = ["CheckpointAtFractions", "SampleGrid"]
+__all__ = ["CheckpointAtFractions", "SampleGrid", "StepCheckpoint"]
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (step_<n>.ckpt every n steps, last.ckpt) with two guarantees a resume needs:
+    - last.ckpt holds the final step: Lightning writes it at the end only if no periodic checkpoint was
+      written during the fit, so a run of 8 steps saving every 3 ended with last.ckpt at step 6;
+    - the loggers are flushed whenever any checkpoint is written, so metrics.csv holds every step the
+      checkpoint holds (a resumed run then drops the rows after it: `models.runtime.csv_logger`)."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._start_step = trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trained = trainer.global_step > getattr(self, "_start_step", 0)
+        if self.save_last and trained and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        for logger in trainer.loggers:
+            logger.save()
 
 
 class CheckpointAtFractions(L.Callback):

@@ -51,12 +51,13 @@ def test_resume_auto_takes_the_newest_checkpoint_of_the_run(tmp_path):
         find_resume_checkpoint(only_hpc, "never")
 
 
-class Preempted(Exception):
-    """SLURM ending the job after the requeue signal (here: raised by the test)."""
-
-
 def test_requeue_signal_saves_requeues_and_the_next_job_continues_exactly(tmp_path, monkeypatch):
+    """SIGUSR1 under SLURM (`#SBATCH --signal=USR1@120`): the step finishes, last.ckpt is saved at it, rank 0
+    runs `scontrol requeue $SLURM_JOB_ID` (a fake one here; tests/test_preemption.py runs real processes),
+    the run stops with RunStopped, and the requeued job (same command) continues exactly."""
     import lightning as L
+
+    from models.preemption import RunStopped
 
     calls = tmp_path / "scontrol_calls"
     bin_dir = tmp_path / "bin"
@@ -72,30 +73,33 @@ def test_requeue_signal_saves_requeues_and_the_next_job_continues_exactly(tmp_pa
         def on_train_batch_end(self, trainer, *args):
             if trainer.global_step == 5:
                 os.kill(os.getpid(), signal.SIGUSR1)  # what `#SBATCH --signal=USR1@120` sends
-                raise Preempted
 
     for key, value in {**SLURM_ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}"}.items():
         monkeypatch.setenv(key, value)
     build = training.build_callbacks
     monkeypatch.setattr(training, "build_callbacks", lambda cfg, run_dir: [*build(cfg, run_dir), SignalAtStep5()])
     run_dir = tmp_path / "job"
-    with pytest.raises(Preempted):
+    with pytest.raises(RunStopped) as stopped:
         training.run(compose(overrides=small_run_overrides(run_dir, 8, extra)))
     assert calls.read_text().split() == ["requeue", "4242"]
-    assert torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 5
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert stopped.value.step == 5 and stopped.value.exit_code == 128 + signal.SIGUSR1
+    assert "stopped by SIGUSR1 at step 5" in str(stopped.value) and "requeued SLURM job 4242" in str(stopped.value)
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handlers are gone after the run
 
     monkeypatch.setattr(training, "build_callbacks", build)  # the requeued job: same command, same env
-    assert find_resume_checkpoint(run_dir, "auto") == run_dir / "hpc_ckpt_1.ckpt"
+    assert find_resume_checkpoint(run_dir, "auto") == run_dir / "checkpoints" / "last.ckpt"
     summary = training.run(compose(overrides=small_run_overrides(run_dir, 8, extra)))
     assert summary["step"] == 8
-    # it continued at step 5 (no step trained twice, as resuming from last.ckpt at step 3 would)...
+    # it continued at step 5 (no step trained twice, as resuming from step_0000003.ckpt would), each step logged once
     with open(run_dir / "logs" / "metrics.csv") as f:
         steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
-    assert steps == sorted(set(steps)) and steps[-3:] == [5, 6, 7]
-    # ...and ends where an uninterrupted run ends
-    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert steps == list(range(8))
+    # ...and ends where an uninterrupted run ends (last.ckpt: the final step, 8)
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 8
+    a, b = a["state_dict"], b["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
