@@ -233,6 +233,41 @@ def test_a_job_ending_with_a_config_error_fails_the_sweep_with_that_error(slurm_
 
 
 # --- requeue: the same run continues ----------------------------------------------------------------------
+def test_template_requeue_by_usr1_on_two_ranks_continues_the_same_run(slurm_env, tmp_path):
+    """SIGUSR1 (what the template's --signal=USR1@120 sends before the time limit) to both ranks of a
+    slurm/train.sbatch job: the ranks agree at the next step, save checkpoints/last.ckpt together, rank 0
+    runs `scontrol requeue`; SLURM starts the same script again (restart 1), which resumes the run folder
+    from that checkpoint (the step the signal stopped at, not the last periodic one) and trains to the last
+    step, each step logged once (models/preemption.py)."""
+    steps, every = 60, 10  # the signal lands after the first checkpoint, long before the last step
+    run_dir = tmp_path / "run"
+    job = sbatch(
+        slurm_env, tmp_path, *CPU_JOB, "--ntasks-per-node=2", f"--output={tmp_path}/%x-%j.out",
+        str(ROOT / "slurm" / "train.sbatch"), "name=usr1", f"run_dir={run_dir}", *CPU_TRAINING,
+        f"trainer.max_steps={steps}", f"checkpoint.every_n_steps={every}",
+    )  # fmt: skip
+    log = tmp_path / f"erg-train-{job}.out"
+    wait_for_file(run_dir / "checkpoints" / f"step_{every:07d}.ckpt", 300, "the first checkpoint")
+    signalled = subprocess.run(["scancel", "--signal=USR1", job], env=slurm_env, capture_output=True, text=True)
+    assert signalled.returncode == 0, f"the job ended before the signal: {signalled.stderr} (raise steps)"
+    info = wait_for_job(slurm_env, job, 600, log)
+    text = log.read_text()  # both runs of the job (--open-mode=append)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", text[-3000:]
+    assert f"job {job} (restart 0)" in text and f"job {job} (restart 1)" in text
+
+    stopped = re.findall(r"stopped by SIGUSR1 at step (\d+), checkpoint (\S+): rerun", text)
+    assert len(stopped) == 1, text[-3000:]  # one line, from rank 0
+    step, checkpoint = int(stopped[0][0]), Path(stopped[0][1])
+    assert checkpoint == run_dir.resolve() / "checkpoints" / "last.ckpt" and every <= step < steps
+    assert f"requeued SLURM job {job}" in text
+    resumed = re.findall(r"resuming (\S+) from (\S+) \(step (\d+)\)", text)
+    assert {(Path(a), Path(b), int(c)) for a, b, c in resumed} == {(run_dir.resolve(), checkpoint, step)}, resumed
+    assert "MEMBER: 2/2" in text.split(f"job {job} (restart 1)")[1]  # the requeued job: 2 ranks again
+    assert text.count("Trained to step 60") == 2
+    assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == steps
+    assert logged_steps(run_dir) == list(range(steps))  # every step once: none lost, none twice
+
+
 def test_submitit_requeue_by_usr2_continues_the_same_run(slurm_env, tmp_path):
     """SIGUSR2 (what submitit's --signal=USR2@<signal_delay_s> sends before the time limit) to a training
     sweep's job: submitit requeues it and exits; the requeued job runs the same point again, which resumes
@@ -261,4 +296,4 @@ def test_submitit_requeue_by_usr2_continues_the_same_run(slurm_env, tmp_path):
     assert job_info(slurm_env, job).get("Restarts") == "1"
     assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == steps
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["usr2"]
-    assert set(logged_steps(run_dir)) == set(range(steps))
+    assert logged_steps(run_dir) == list(range(steps))  # the retrained steps replace their first rows
