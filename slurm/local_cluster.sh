@@ -11,7 +11,7 @@
 # ERG_SLURM_DIR: the folder (default ${TMPDIR:-/tmp}/erg-slurm-$UID). Ports are picked free at start.
 # Runs as root only (slurmd starts jobs as their user; apt-get installs the packages).
 # Exit status of start: 0 up; 3 this machine cannot run it (not root, apt-get failed, a daemon did not
-# come up: the message says which and where its log is); anything else: a bug of this script.
+# come up: the message says which and where its log is); 1: a setting to fix (ERG_SLURM_DIR).
 #
 # The cluster: one node with the machine's real CPUs and memory (slurmd -C), one partition `debug`,
 # proctrack/linuxproc + task/none (no cgroups needed), select/cons_tres with CR_CPU (a task per CPU),
@@ -177,7 +177,8 @@ start() {
   [[ "$(id -u)" == 0 ]] || cannot "needs root (slurmd starts jobs as their user; apt-get installs the packages)"
   stop_daemons  # leftovers of an earlier start that died halfway (only what its pid files name)
   if [[ -d "$DIR" && -n "$(ls -A "$DIR")" && ! -f "$DIR/$MARK" ]]; then
-    cannot "$DIR exists and is not a folder of this script: set ERG_SLURM_DIR to a new or empty folder"
+    say "$DIR exists and is not a folder of this script: set ERG_SLURM_DIR to a new or empty folder"
+    exit 1  # a setting to fix, not a machine that cannot run the cluster
   fi
   rm -rf "${DIR:?}"/{etc,state,spool,log,munge,run,tmp}  # a fresh cluster: no jobs or state of the last one
   mkdir -p "$DIR"/{etc,state,spool,log,munge,run,tmp}
