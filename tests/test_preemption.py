@@ -158,6 +158,7 @@ def _interrupt(tmp: Path, run_dir: Path, world: int, phase: str, step: int, sig:
         assert stopped_at == step + 1, trial  # the step in progress was finished, and no other
     else:
         assert stopped_at >= step, trial
+    assert not list(run_dir.glob("hpc_ckpt_*.ckpt")), trial  # Lightning's own requeue (saves in the handler) is off
     requeues = job.scontrol_calls.read_text()[len(requeues_before) :] if job.scontrol_calls.exists() else ""
     if sig == signal.SIGUSR1 and world > 1:  # under SLURM: rank 0 requeued the job, once
         assert requeues.split() == ["requeue", "4242"], trial
@@ -228,3 +229,35 @@ def test_two_ranks_stop_together_and_resume_bit_for_bit(tmp_path):
 def test_two_ranks_stop_together_many_trials(tmp_path, chain):
     """The same, 4 chains x 4 interruptions at random phases, signals and ranks."""
     _two_rank_trials(tmp_path, 4)
+
+
+def test_lightning_slurm_auto_requeue_is_off(monkeypatch):
+    """Under SLURM the Trainer gets Lightning's SLURM environment with auto_requeue=False, so Lightning installs
+    no SIGUSR1 handler of its own (it would save inside it: Lightning issue 21406); the default one would."""
+    import lightning as L
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from models.checkpoint_io import AtomicCheckpointIO
+    from models.training import _plugins
+
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "erg-train", "SLURM_NTASKS": "1",
+             "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+             "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # fmt: skip
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+
+    def usr1_handler_lightning_installs(plugins: list) -> object:
+        trainer = L.Trainer(accelerator="cpu", devices=1, plugins=plugins, logger=False, enable_checkpointing=False)
+        before = signal.getsignal(signal.SIGUSR1)
+        trainer._signal_connector.register_signal_handlers()
+        try:
+            return signal.getsignal(signal.SIGUSR1) if signal.getsignal(signal.SIGUSR1) is not before else None
+        finally:
+            trainer._signal_connector.teardown()
+
+    plugins = _plugins(None)
+    environments = [p for p in plugins if isinstance(p, SLURMEnvironment)]
+    assert len(environments) == 1 and environments[0].auto_requeue is False
+    assert any(isinstance(p, AtomicCheckpointIO) for p in plugins)
+    assert usr1_handler_lightning_installs(plugins) is None
+    assert usr1_handler_lightning_installs([SLURMEnvironment()]) is not None  # Lightning's default would
