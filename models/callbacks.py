@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +70,25 @@ class CheckpointAtFractions(L.Callback):
             trainer.save_checkpoint(self.dirpath / f"step_{step:07d}.ckpt")  # every rank calls it; rank 0 writes
 
 
+@contextlib.contextmanager
+def _gathered(model: torch.nn.Module) -> Iterator[None]:
+    """Full parameters on every rank while sampling from an FSDP2-sharded model (trainer=fsdp): the sampler
+    also calls sub-modules outside the model's forward (the class embedder), which FSDP would not gather.
+    Every rank must enter it (a collective); a model that is not sharded is left alone."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.set_reshard_after_forward(False)
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+        model.set_reshard_after_forward(True)
+
+
 class SampleGrid(L.Callback):
     """Every `every_n_steps` optimizer steps (and at the end), sample a grid with the EMA model using
     the plain Euler sampler, save it as `<out_dir>/step_XXXXXXX.png` and log it where the logger can
@@ -130,15 +151,16 @@ class SampleGrid(L.Callback):
         labels = [c for c in rows_of for _ in range(self.per_class)] if rows_of else None
         cfg = {"method": "cfg", "scale": self.guidance_scale} if rows_of else {"method": "none"}
         sampler = GuidedSampler(build_guidance(cfg), model, conditionings, config=SamplerConfig(steps=self.steps))
-        x = sampler.sample_indices(range(n), labels, base_seed=self.seed)
+        with _gathered(model):
+            x = sampler.sample_indices(range(n), labels, base_seed=self.seed)
         return decode(x) if decode is not None else x
 
     def sample_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Sample on rank 0 only (no collective ops are involved) and save / log the grid. Under FSDP
         the weights are sharded, so every rank takes part in the forward passes and rank 0 saves."""
-        from lightning.pytorch.strategies import FSDPStrategy
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-        if not trainer.is_global_zero and not isinstance(trainer.strategy, FSDPStrategy):
+        if not trainer.is_global_zero and not isinstance(trainer.strategy, FSDPStrategy | ModelParallelStrategy):
             return
         self._last_step = trainer.global_step
         images = self.sample(pl_module, decode=getattr(trainer.datamodule, "decode", None))

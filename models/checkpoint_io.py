@@ -34,7 +34,10 @@ def save_checkpoint_atomic(checkpoint: dict[str, Any], path: str | Path) -> Path
     try:
         with atomic_open(path) as f:
             torch.save(checkpoint, f)
-    except OSError as err:
+    except Exception as raised:
+        err = _os_error(raised)
+        if err is None:
+            raise
         what = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
         previous = f"the previous {path.name} is intact" if path.exists() else "no earlier file had that name"
         raise CheckpointWriteError(
@@ -42,10 +45,22 @@ def save_checkpoint_atomic(checkpoint: dict[str, Any], path: str | Path) -> Path
             f"could not write checkpoint {path}: {what} ({err.strerror or err}); {previous} and no partial file "
             "was left. Free space (or write checkpoints less often: checkpoint.every_n_steps) and rerun the same "
             "command to resume",
-        ) from err
+        ) from raised
     for stale in stale_temporaries(path):
         stale.unlink(missing_ok=True)
     return path
+
+
+def _os_error(err: BaseException | None) -> OSError | None:
+    """The OSError behind `err`: torch.save's zip writer turns a failed write (ENOSPC) into a RuntimeError
+    ("unexpected pos ...") raised while the OSError is being handled."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

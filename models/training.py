@@ -111,6 +111,7 @@ def _checkpoint_callbacks(
             save_top_k=-1,
             save_last=save_last,
             save_on_train_epoch_end=False,
+            enable_version_counter=False,  # last.ckpt is always last.ckpt (never last-v1.ckpt): resume reads it
         )
     ]
     if at_fractions:
