@@ -1,11 +1,11 @@
-# The two commands of the README: `make quickstart` and `make test`.
+# The commands of the README: `make quickstart`, `make test` and `make test-slurm`.
 # Both create the virtual environment on first use and install the project into it.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= all
 
-.PHONY: quickstart quickstart-t2i docs-images test test-slow bench-gpu bench-cpu lint format clean-venv
+.PHONY: quickstart quickstart-t2i docs-images test test-slow test-slurm bench-gpu bench-cpu lint format clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,14 @@ test: $(VENV)/.installed
 ## Longer checks that are not part of the default run.
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
+
+## The tests on a real scheduler: a one-host SLURM cluster (slurm/local_cluster.sh: root, installs
+## slurm-wlm + munge with apt-get if missing), the tests marked `slurm`, then the cluster stopped,
+## also when a test fails (the exit status is the tests').
+test-slurm: $(VENV)/.installed
+	slurm/local_cluster.sh start
+	status=0; eval "$$(slurm/local_cluster.sh env)" && ERG_VENV="$(abspath $(VENV))" $(PY) -m pytest -q -m slurm || status=$$?; \
+	slurm/local_cluster.sh stop; exit $$status
 
 ## Every GPU figure in one budgeted run (scripts/benchmark_all.py): docs/benchmarks/<gpu>.md and .json.
 ## Needs no virtual environment (a GPU machine may have only torch and the wheels of

@@ -23,15 +23,22 @@ WRITES = "run_dir=<folder> (or name=<run> for runs/<run>)"  # where train.py wri
 
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
-    from models.cli import reported
+    from models.checkpoint_io import CheckpointWriteError
+    from models.cli import fail, reported
+    from models.preemption import RunStopped
     from models.training import run
 
     with reported(cfg, writes=WRITES):
         try:
             summary = run(cfg)
-        except FloatingPointError as err:  # diverged: the message names the step (not a config problem)
-            print(f"\nerror: {err}", file=sys.stderr)
-            sys.exit(1)
+        except RunStopped as err:  # SIGTERM / SIGINT / SIGUSR1: a checkpoint was saved; one line, from one rank
+            if err.rank == 0:
+                print(f"\n{err}", file=sys.stderr)
+            # sys.exit also in a sweep job: the job may be requeued (USR1, or SLURM's preemption requeue), and a
+            # result written now would end the sweep's wait for it
+            sys.exit(err.exit_code)
+        except (CheckpointWriteError, FloatingPointError) as err:  # not a config problem: exit code 1
+            fail(str(err), code=1)
     log.info("done: %s", summary)
     print(
         f"\nTrained to step {summary['step']} (train loss {summary['train_loss']}, val loss {summary['val_loss']}).\n"

@@ -2,18 +2,42 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 from erg.guidance import build_guidance
 from erg.sampler import GuidedSampler, SamplerConfig
 from models.io import image_grid, save_image
 
-__all__ = ["CheckpointAtFractions", "SampleGrid"]
+__all__ = ["CheckpointAtFractions", "SampleGrid", "StepCheckpoint"]
+
+
+class StepCheckpoint(ModelCheckpoint):
+    """Lightning's ModelCheckpoint (step_<n>.ckpt every n steps, last.ckpt) with two guarantees a resume needs:
+    - last.ckpt holds the final step: Lightning writes it at the end only if no periodic checkpoint was
+      written during the fit, so a run of 8 steps saving every 3 ended with last.ckpt at step 6;
+    - the loggers are flushed whenever any checkpoint is written, so metrics.csv holds every step the
+      checkpoint holds (a resumed run then drops the rows after it: `models.runtime.csv_logger`)."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._start_step = trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trained = trainer.global_step > getattr(self, "_start_step", 0)
+        if self.save_last and trained and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        for logger in trainer.loggers:
+            logger.save()
 
 
 class CheckpointAtFractions(L.Callback):
@@ -44,6 +68,25 @@ class CheckpointAtFractions(L.Callback):
         if step in self.steps and step not in self._saved and not trainer.sanity_checking:
             self._saved.add(step)
             trainer.save_checkpoint(self.dirpath / f"step_{step:07d}.ckpt")  # every rank calls it; rank 0 writes
+
+
+@contextlib.contextmanager
+def _gathered(model: torch.nn.Module) -> Iterator[None]:
+    """Full parameters on every rank while sampling from an FSDP2-sharded model (trainer=fsdp): the sampler
+    also calls sub-modules outside the model's forward (the class embedder), which FSDP would not gather.
+    Every rank must enter it (a collective); a model that is not sharded is left alone."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.set_reshard_after_forward(False)
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
+        model.set_reshard_after_forward(True)
 
 
 class SampleGrid(L.Callback):
@@ -108,15 +151,16 @@ class SampleGrid(L.Callback):
         labels = [c for c in rows_of for _ in range(self.per_class)] if rows_of else None
         cfg = {"method": "cfg", "scale": self.guidance_scale} if rows_of else {"method": "none"}
         sampler = GuidedSampler(build_guidance(cfg), model, conditionings, config=SamplerConfig(steps=self.steps))
-        x = sampler.sample_indices(range(n), labels, base_seed=self.seed)
+        with _gathered(model):
+            x = sampler.sample_indices(range(n), labels, base_seed=self.seed)
         return decode(x) if decode is not None else x
 
     def sample_and_log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Sample on rank 0 only (no collective ops are involved) and save / log the grid. Under FSDP
         the weights are sharded, so every rank takes part in the forward passes and rank 0 saves."""
-        from lightning.pytorch.strategies import FSDPStrategy
+        from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
-        if not trainer.is_global_zero and not isinstance(trainer.strategy, FSDPStrategy):
+        if not trainer.is_global_zero and not isinstance(trainer.strategy, FSDPStrategy | ModelParallelStrategy):
             return
         self._last_step = trainer.global_step
         images = self.sample(pl_module, decode=getattr(trainer.datamodule, "decode", None))

@@ -31,7 +31,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NoReturn
 
-from models.runtime import ConfigError, composition_error
+from models.runtime import ConfigError, JobFailed, composition_error, in_multirun_job
 
 __all__ = ["EXIT_USAGE", "add_progress_flag", "fail", "progress", "reported", "run_hydra", "user_error"]
 
@@ -53,10 +53,17 @@ def one_line(text: str) -> str:
     return out
 
 
-def fail(message: str) -> NoReturn:
-    """Print `error: <message>` (one line) on stderr and exit with code 2."""
-    print(f"error: {one_line(message)}", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_USAGE)
+def fail(message: str, code: int = EXIT_USAGE) -> NoReturn:
+    """Print `error: <message>` (one line) on stderr and exit with `code` (2: a user error).
+
+    In a job of a Hydra multirun (a sweep point, e.g. a submitit job), raise `JobFailed` instead: a
+    sys.exit there leaves submitit's job without a result file, so the launching process would poll for
+    it forever where SLURM keeps no accounting (issue 10, item 5); raised, the sweep fails with it."""
+    line = one_line(message)
+    print(f"error: {line}", file=sys.stderr, flush=True)
+    if in_multirun_job():
+        raise JobFailed(line)
+    raise SystemExit(code)
 
 
 def _config_items(cfg: Any) -> list[tuple[str, str]]:
@@ -142,6 +149,8 @@ def reported(cfg: Any = None, writes: str = "") -> Iterator[None]:
     """Run the body of a tool: an error the user can fix becomes one line on stderr and exit code 2."""
     try:
         yield
+    except JobFailed:
+        raise  # already reported (fail() in a sweep job): the sweep prints it once more, after the point's overrides
     except Exception as err:
         message = user_error(err, cfg, writes)
         if message is None:
@@ -163,6 +172,9 @@ def run_hydra(main: Callable[[], Any], writes: str = "") -> None:
     try:
         with reported(writes=writes):
             main()
+    except JobFailed as err:  # a sweep point stopped on a user error: Hydra named its overrides just above
+        print(f"error: {one_line(str(err))}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     finally:
         os.environ.pop("HYDRA_FULL_ERROR", None)
 

@@ -133,6 +133,11 @@ class DiT(nn.Module):
         """Label of the learned "no class" embedding (None for an unconditional model)."""
         return self.y_embedder.null_class if self.y_embedder is not None else None
 
+    @staticmethod
+    def wrap_modules() -> set[type[nn.Module]]:
+        """Module classes to shard with FSDP (trainer=fsdp; `models.rectified_flow.shard_model`)."""
+        return {DiTBlock}
+
     def initialize_weights(self) -> None:
         if self.pos_embed.is_meta:  # parameter counting on the meta device: nothing to fill
             return

@@ -2,34 +2,70 @@
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import io
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from PIL import Image
 from torch import Tensor
 
-__all__ = ["atomic_write_bytes", "atomic_write_text", "image_grid", "save_image"]
+__all__ = ["atomic_open", "atomic_write_bytes", "atomic_write_text", "image_grid", "save_image", "stale_temporaries"]
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+@contextlib.contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """Open `path` for writing so that it appears complete or not at all: the bytes go to a temporary file
+    beside it (`.<name>.<random>.tmp`: the same folder, so the same filesystem), which is flushed, fsync'ed
+    and renamed over `path` when the block ends. A kill at any byte, a full disk or an exception leaves the
+    previous `path` untouched (an exception also removes the temporary file; a SIGKILL cannot, see
+    `stale_temporaries`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+    _fsync_dir(path.parent)
+
+
+def stale_temporaries(path: str | Path) -> list[Path]:
+    """Temporary files `atomic_open(path)` left behind when its process was killed mid-write."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"))
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable (the directory entry), where the filesystem supports it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems (and platforms) cannot fsync a directory
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write `data` to `path` atomically (`atomic_open`)."""
+    with atomic_open(path) as f:
+        f.write(data)
+    return Path(path)
 
 
 def _umask() -> int:

@@ -230,7 +230,7 @@ class MMDiT(nn.Module):
 
     @staticmethod
     def wrap_modules() -> set[type[nn.Module]]:
-        """Module classes to shard with FSDP and to checkpoint (Lightning's `auto_wrap_policy`)."""
+        """Module classes to shard with FSDP (trainer=fsdp: `models.rectified_flow.shard_model`) and to checkpoint."""
         return {MMDiTBlock}
 
     def initialize_weights(self) -> None:

@@ -35,7 +35,7 @@ from erg.sampling import sample_seed
 from models.ema import ema_copy, ema_update
 from models.text_encoders import TextEncoding
 
-__all__ = ["EMAConfig", "FlowConfig", "OptimConfig", "RectifiedFlowModule", "WarmupSchedule"]
+__all__ = ["EMAConfig", "FlowConfig", "OptimConfig", "RectifiedFlowModule", "WarmupSchedule", "shard_model"]
 
 
 @dataclass
@@ -150,6 +150,11 @@ class RectifiedFlowModule(L.LightningModule):
 
     # --- setup ---------------------------------------------------------------------------------
     def configure_model(self) -> None:
+        mesh = self.device_mesh  # set by Lightning's ModelParallelStrategy (trainer=fsdp), None otherwise
+        if mesh is not None and not getattr(self, "_sharded", False):
+            shard_model(self.model, mesh)
+            shard_model(self.ema, mesh)  # the same units: each EMA shard sits beside its parameter's shard
+            self._sharded = True
         if self.compile_model and not getattr(self, "_compiled", False):
             self.model.compile()  # in place: parameter names and checkpoints are unchanged
             self._compiled = True
@@ -307,6 +312,22 @@ class RectifiedFlowModule(L.LightningModule):
             torch.cuda.set_rng_state_all(rng["cuda"])
         _set_numpy_state(rng["numpy"])
         random.setstate(rng["python"])
+
+
+def shard_model(model: nn.Module, mesh: Any) -> nn.Module:
+    """FSDP2 (`torch.distributed.fsdp.fully_shard`): every block (`model.wrap_modules()`: DiTBlock, MMDiTBlock)
+    is a unit whose parameters are gathered only for its own forward / backward, then the root (embedders,
+    final layer). On Lightning's (data_parallel, tensor_parallel) mesh, i.e. (nodes, devices per node), a 2-D
+    mesh is HSDP: parameters sharded over the devices of a node and replicated across nodes; one node:
+    full sharding."""
+    from torch.distributed.fsdp import fully_shard
+
+    units = model.wrap_modules() if hasattr(model, "wrap_modules") else set()
+    for module in model.modules():
+        if type(module) in units:
+            fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
 
 
 def _numpy_state() -> dict[str, Any]:

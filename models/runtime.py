@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import difflib
 import inspect
+import logging
 import os
 import re
 import uuid
@@ -14,12 +15,16 @@ from dataclasses import fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig, OmegaConf
 
 from models.io import atomic_write_text
 
+log = logging.getLogger("erg.train")
+
 __all__ = [
     "ConfigError",
+    "JobFailed",
     "build_dataclass",
     "check_device",
     "check_keys",
@@ -38,6 +43,20 @@ __all__ = [
 
 class ConfigError(ValueError):
     """A user-fixable problem with the configuration; the message says how to fix it."""
+
+
+class JobFailed(CompactHydraException):
+    """A job of a Hydra multirun (`-m`) that ended with a message for the user. Hydra records it as the
+    job's result and, once every job of the sweep is done, the launching process prints the message (one
+    line, no traceback: a CompactHydraException) after the job's overrides and exits 1."""
+
+
+def in_multirun_job() -> bool:
+    """Whether this process runs one job of a Hydra multirun (the basic launcher, or submitit on SLURM)."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
 # --- config checks ---------------------------------------------------------------------------------
@@ -334,34 +353,69 @@ def flat_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> lis
 
 
 # --- run directories -------------------------------------------------------------------------------
-def _checkpoint_step(path: Path) -> int:
-    import torch
-
-    try:
-        return int(torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("global_step", -1))
-    except Exception:  # unreadable: never preferred over a readable one
-        return -1
+STEP_CHECKPOINT = re.compile(r"step_(\d+)\.ckpt")
 
 
 def run_checkpoints(run_dir: Path) -> list[Path]:
-    """Checkpoints a run can continue from: checkpoints/last.ckpt (ModelCheckpoint) and the
-    hpc_ckpt_<n>.ckpt files Lightning writes into the run dir when SLURM signals a requeue."""
+    """Checkpoints a run can continue from: checkpoints/last.ckpt (the newest periodic or stop checkpoint),
+    checkpoints/step_<n>.ckpt (periodic, at fractions), and the hpc_ckpt_<n>.ckpt files Lightning's own SLURM
+    requeue wrote into the run dir (runs made before models/preemption.py)."""
     last = run_dir / "checkpoints" / "last.ckpt"
-    return ([last] if last.is_file() else []) + sorted(run_dir.glob("hpc_ckpt_*.ckpt"))
+    steps = sorted((run_dir / "checkpoints").glob("step_*.ckpt"))
+    return ([last] if last.is_file() else []) + sorted(run_dir.glob("hpc_ckpt_*.ckpt")) + steps
 
 
 def newest_checkpoint(run_dir: Path) -> Path | None:
-    """The run's checkpoint with the highest training step (ties: the latest written)."""
-    candidates = run_checkpoints(run_dir)
-    if not candidates:
-        return None
-    return max(candidates, key=lambda p: (_checkpoint_step(p), p.stat().st_mtime_ns))
+    """The run's checkpoint with the highest training step (ties: the latest written) that loads. A file
+    that does not load (truncated by a kill or a full disk under an older writer, not a checkpoint) is
+    skipped with a warning naming it; if no checkpoint loads, a ConfigError says which files are broken."""
+    from models.checkpoint_io import read_checkpoint_step
+
+    broken: dict[Path, str] = {}
+    ranked: list[tuple[int, int, Path]] = []
+    for path in run_checkpoints(run_dir):
+        named = STEP_CHECKPOINT.fullmatch(path.name)
+        try:  # step_<n>.ckpt says its step in its name: loaded below only if it is the candidate
+            step = int(named[1]) if named else read_checkpoint_step(path)
+        except Exception as err:
+            broken[path] = _first_line(err)
+            continue
+        ranked.append((step, path.stat().st_mtime_ns, path))
+    chosen = None
+    for _, _, path in sorted(ranked, key=lambda r: (r[0], r[1]), reverse=True):
+        if STEP_CHECKPOINT.fullmatch(path.name):
+            try:
+                read_checkpoint_step(path)
+            except Exception as err:
+                broken[path] = _first_line(err)
+                continue
+        chosen = path
+        break
+    if broken and chosen is None:
+        raise ConfigError(
+            f"no checkpoint of {run_dir} can be read: "
+            + "; ".join(f"{p} ({why})" for p, why in broken.items())
+            + ". They are truncated or not checkpoints: move them away (or pass resume=PATH to pick another file)"
+        )
+    for path, why in broken.items():
+        log.warning(
+            "checkpoint %s cannot be read (%s): truncated or not a checkpoint; resuming from %s instead. "
+            "Move the broken file away to silence this warning",
+            path, why, chosen,
+        )  # fmt: skip
+    return chosen
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    line = text[0] if text else type(err).__name__
+    return line if len(line) <= 160 else line[:157] + "..."
 
 
 def find_resume_checkpoint(run_dir: Path, resume: str | bool | None) -> Path | None:
-    """The checkpoint to resume from: `auto` takes the run's newest checkpoint (last.ckpt or a SLURM
-    requeue checkpoint hpc_ckpt_<n>.ckpt, whichever holds the later step) if any; `never` refuses to
-    overwrite an existing run; a path resumes from that file."""
+    """The checkpoint to resume from: `auto` takes the run's newest readable checkpoint (last.ckpt, step_<n>.ckpt
+    or an old SLURM requeue checkpoint hpc_ckpt_<n>.ckpt, whichever holds the latest step) if any; `never`
+    refuses to overwrite an existing run; a path resumes from that file."""
     mode = str(resume).lower() if resume is not None else "never"
     if mode == "auto":
         return newest_checkpoint(run_dir)
@@ -395,24 +449,57 @@ def save_resolved_config(container: dict[str, Any], run_dir: Path, step: int | N
 # --- loggers ---------------------------------------------------------------------------------------
 def csv_logger(save_dir: str, name: str = "logs", version: str = "") -> Any:
     """Lightning's CSVLogger, but a resumed run appends to its metrics.csv instead of deleting it
-    (Lightning's writer removes an existing metrics.csv when a new logger starts in the folder)."""
+    (Lightning's writer removes an existing metrics.csv when a new logger starts in the folder), and holds
+    each step once: `resume_from(step)` drops the rows of steps >= `step` that an earlier attempt logged
+    after its checkpoint (the resumed run logs them again), and a last line cut by a kill."""
     import csv
+    import io
 
     from lightning.pytorch.loggers import CSVLogger
     from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 
     class _AppendingWriter(ExperimentWriter):
+        def __init__(self, log_dir: str, resume_step: int | None) -> None:
+            self.resume_step = resume_step
+            super().__init__(log_dir)
+
         def _check_log_dir_exists(self) -> None:
-            if self._fs.isfile(self.metrics_file_path):
-                with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-                    self.metrics_keys = next(csv.reader(f), [])
+            if not self._fs.isfile(self.metrics_file_path):
+                return
+            with open(self.metrics_file_path, newline="") as f:
+                lines = f.read().splitlines(keepends=True)
+            kept = lines[:-1] if lines and not lines[-1].endswith("\n") else lines  # a row cut by a kill
+            self.metrics_keys = next(csv.reader(kept[:1]), [])
+            rows = list(csv.DictReader(kept))
+            if self.resume_step is not None:
+                rows = [r for r in rows if not (r.get("step") or "").isdigit() or int(r["step"]) < self.resume_step]
+            if len(kept) != len(lines) or len(rows) != len(kept) - 1:
+                self._write_all(rows)
+
+        def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+            with open(self.metrics_file_path, newline="") as f:
+                self._write_all(list(csv.DictReader(f)), fieldnames)
+
+        def _write_all(self, rows: list[dict[str, str]], fieldnames: list[str] | None = None) -> None:
+            """Replace metrics.csv atomically (a kill never leaves it half rewritten)."""
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=fieldnames or self.metrics_keys)
+            writer.writeheader()
+            writer.writerows(rows)
+            atomic_write_text(self.metrics_file_path, buf.getvalue())
 
     class _AppendingCSVLogger(CSVLogger):
+        _resume_step: int | None = None
+
+        def resume_from(self, step: int | None) -> None:
+            """This run continues a checkpoint of `step`: rows of steps >= `step` will be logged again."""
+            self._resume_step = step
+
         @property
         def experiment(self) -> ExperimentWriter:
             if self._experiment is None:
                 self._fs.makedirs(self.root_dir, exist_ok=True)
-                self._experiment = _AppendingWriter(log_dir=self.log_dir)
+                self._experiment = _AppendingWriter(self.log_dir, self._resume_step)
             return self._experiment
 
     return _AppendingCSVLogger(save_dir=save_dir, name=name, version=version)

@@ -115,12 +115,10 @@ def _checkpoint_callbacks(
 ) -> list[Any]:
     """step_<n>.ckpt every `every_n_steps` (+ last.ckpt), and at the given fractions of training (e.g.
     1/16: AutoGuidance's weak model)."""
-    from lightning.pytorch.callbacks import ModelCheckpoint
-
-    from models.callbacks import CheckpointAtFractions
+    from models.callbacks import CheckpointAtFractions, StepCheckpoint
 
     callbacks: list[Any] = [
-        ModelCheckpoint(
+        StepCheckpoint(
             dirpath=dirpath,
             filename="step_{step:07d}",
             auto_insert_metric_name=False,
@@ -128,6 +126,7 @@ def _checkpoint_callbacks(
             save_top_k=-1,
             save_last=save_last,
             save_on_train_epoch_end=False,
+            enable_version_counter=False,  # last.ckpt is always last.ckpt (never last-v1.ckpt): resume reads it
         )
     ]
     if at_fractions:
@@ -163,6 +162,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
     logging.getLogger("lightning.pytorch").propagate = False  # Lightning prints its own lines once
 
+    from models.preemption import GracefulStop
     from models.rectified_flow import EMAConfig, FlowConfig, OptimConfig, RectifiedFlowModule
 
     run_dir = Path(cfg.run_dir).resolve()
@@ -197,17 +197,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if saved is not None:
         _check_resume_fits(module, saved, ckpt_path)
         del saved
-    loggers = [instantiate(cfg.logger)] if cfg.get("logger") else False
+    loggers = [instantiate(cfg.logger)] if cfg.get("logger") else []
+    for logger in loggers:
+        if hasattr(logger, "resume_from"):  # the CSV logger: rows after the checkpoint are logged again
+            logger.resume_from(resume_step)
+    # nested `_target_` nodes (e.g. trainer.strategy for FSDP) become objects
+    trainer_kwargs = instantiate(OmegaConf.to_container(cfg.trainer, resolve=True), _convert_="all")
+    plugins = _plugins(trainer_kwargs.pop("plugins", None))
+    # SIGTERM / SIGINT / SIGUSR1: finish the step, save last.ckpt, requeue under SLURM (USR1), stop
+    stop = GracefulStop(None if cfg.trainer.get("fast_dev_run") else run_dir / "checkpoints" / "last.ckpt")
     trainer = L.Trainer(
-        # nested `_target_` nodes (e.g. trainer.strategy for FSDP) become objects
-        **instantiate(OmegaConf.to_container(cfg.trainer, resolve=True), _convert_="all"),
-        logger=loggers,
-        callbacks=build_callbacks(cfg, run_dir) + datamodule.callbacks(),
+        **trainer_kwargs,
+        plugins=plugins,
+        logger=loggers or False,
+        callbacks=[*build_callbacks(cfg, run_dir), *datamodule.callbacks(), stop],  # stop: after the checkpoints
         default_root_dir=str(run_dir),
     )
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model: %s, %.2fM parameters; run dir: %s", type(model).__name__, n_params / 1e6, run_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
+    with stop.handling_signals():
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, weights_only=True)
     last = run_dir / "checkpoints" / "last.ckpt"
     summary = {
         "run_dir": str(run_dir),
@@ -236,6 +245,26 @@ def _check_resume_fits(module: Any, saved: dict[str, Any], path: Path) -> None:
         "This run folder was trained with other model settings: use name=<new name> for a new run, or the model "
         "settings of its config.yaml to continue it"
     )
+
+
+def _plugins(given: Any) -> list[Any]:
+    """The Trainer's plugins: the user's (trainer.plugins), plus the atomic checkpoint writer and, under SLURM,
+    Lightning's SLURM environment with its auto-requeue off (it saves inside the signal handler, which can hang
+    a multi-rank job: models/preemption.py stops and requeues instead)."""
+    from lightning.fabric.plugins import CheckpointIO
+    from lightning.fabric.plugins.environments import ClusterEnvironment, SLURMEnvironment, TorchElasticEnvironment
+
+    from models.checkpoint_io import AtomicCheckpointIO
+
+    plugins = list(given) if isinstance(given, list | tuple) else ([given] if given is not None else [])
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    environment = next((p for p in plugins if isinstance(p, ClusterEnvironment)), None)
+    if environment is None and not TorchElasticEnvironment.detect() and SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))  # Lightning's choice of environment, minus the requeue
+    elif isinstance(environment, SLURMEnvironment):
+        environment.auto_requeue = False
+    return plugins
 
 
 def _instantiate_data(node: DictConfig) -> Any:

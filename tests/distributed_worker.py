@@ -25,11 +25,12 @@ class Record(L.Callback):
         self.keys: list[list[str]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.keys.append(list(batch["key"]))
+        self.keys.append(list(batch.get("key", [])))  # shards carry sample keys; the digits do not
 
     def on_train_end(self, trainer, pl_module):
+        full = lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p  # FSDP2 shards are DTensors
         digest = lambda module: hashlib.sha256(
-            b"".join(p.detach().cpu().numpy().tobytes() for p in module.parameters())
+            b"".join(full(p).detach().cpu().numpy().tobytes() for p in module.parameters())
         ).hexdigest()
         record = {
             "rank": trainer.global_rank,
@@ -38,7 +39,12 @@ class Record(L.Callback):
             "keys": self.keys,
             "model": digest(pl_module.model),
             "ema": digest(pl_module.ema),
-            "param_sum": float(sum(p.double().sum() for p in pl_module.model.parameters())),
+            "param_sum": float(sum(full(p).detach().double().sum() for p in pl_module.model.parameters())),
+            # what this rank holds: all of it (DDP) or its shards (FSDP2 DTensors)
+            "numel": sum(p.numel() for p in pl_module.model.parameters()),
+            "local_numel": sum(
+                (p.to_local() if hasattr(p, "to_local") else p).numel() for p in pl_module.model.parameters()
+            ),
         }
         (self.out / f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 

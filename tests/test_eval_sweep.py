@@ -209,6 +209,26 @@ def test_multirun_runs_one_job_per_point_then_the_report(assets, tmp_path):
     assert (sweep / "report" / "table.md").is_file() and "| ERG |" in out.stdout
 
 
+def test_a_job_that_stops_on_a_config_error_fails_the_multirun_with_that_error(tmp_path):
+    """A sweep job whose entry point stops on a config error (a missing checkpoint) through submitit's
+    launcher (submitit_local here; SLURM arrays: tests/test_slurm_cluster.py): the sweep fails with that
+    error in one line, no traceback. The job used to sys.exit: submitit got no result file (locally: a
+    traceback about it; on SLURM without sacct: the launching process polled forever)."""
+    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
+    missing = tmp_path / "no_such.ckpt"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("HYDRA_FULL_ERROR", None)
+    cmd = [sys.executable, str(ROOT / "scripts" / "sweep.py"), "-m", "hydra/launcher=submitit_local",
+           "hydra.launcher.timeout_min=5", f"sweep_dir={tmp_path / 'sweep'}", f"sample.checkpoint={missing}",
+           "methods=[cfg]", "grid.cfg.scale=[2.0]"]  # fmt: skip
+    out = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    assert "Error executing job with overrides: ['point=cfg__scale-2.0'" in out.stderr
+    assert f"{missing}: checkpoint file not found" in out.stderr
+    assert "Traceback" not in out.stderr and "has not produced any output" not in out.stderr
+    assert not (tmp_path / "sweep" / "report").exists()
+
+
 def test_slurm_array_launcher_composes():
     """hydra/launcher=submitit_slurm_1gpu: one GPU and one task per job (a point per array task)."""
     from hydra import compose as hydra_compose

@@ -51,12 +51,13 @@ def test_resume_auto_takes_the_newest_checkpoint_of_the_run(tmp_path):
         find_resume_checkpoint(only_hpc, "never")
 
 
-class Preempted(Exception):
-    """SLURM ending the job after the requeue signal (here: raised by the test)."""
-
-
 def test_requeue_signal_saves_requeues_and_the_next_job_continues_exactly(tmp_path, monkeypatch):
+    """SIGUSR1 under SLURM (`#SBATCH --signal=USR1@120`): the step finishes, last.ckpt is saved at it, rank 0
+    runs `scontrol requeue $SLURM_JOB_ID` (a fake one here; tests/test_preemption.py runs real processes),
+    the run stops with RunStopped, and the requeued job (same command) continues exactly."""
     import lightning as L
+
+    from models.preemption import RunStopped
 
     calls = tmp_path / "scontrol_calls"
     bin_dir = tmp_path / "bin"
@@ -72,43 +73,51 @@ def test_requeue_signal_saves_requeues_and_the_next_job_continues_exactly(tmp_pa
         def on_train_batch_end(self, trainer, *args):
             if trainer.global_step == 5:
                 os.kill(os.getpid(), signal.SIGUSR1)  # what `#SBATCH --signal=USR1@120` sends
-                raise Preempted
 
     for key, value in {**SLURM_ENV, "PATH": f"{bin_dir}:{os.environ['PATH']}"}.items():
         monkeypatch.setenv(key, value)
     build = training.build_callbacks
     monkeypatch.setattr(training, "build_callbacks", lambda cfg, run_dir: [*build(cfg, run_dir), SignalAtStep5()])
     run_dir = tmp_path / "job"
-    with pytest.raises(Preempted):
+    with pytest.raises(RunStopped) as stopped:
         training.run(compose(overrides=small_run_overrides(run_dir, 8, extra)))
     assert calls.read_text().split() == ["requeue", "4242"]
-    assert torch.load(run_dir / "hpc_ckpt_1.ckpt", weights_only=True)["global_step"] == 5
-    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+    assert stopped.value.step == 5 and stopped.value.exit_code == 128 + signal.SIGUSR1
+    assert "stopped by SIGUSR1 at step 5" in str(stopped.value) and "requeued SLURM job 4242" in str(stopped.value)
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 5
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL  # the handlers are gone after the run
 
     monkeypatch.setattr(training, "build_callbacks", build)  # the requeued job: same command, same env
-    assert find_resume_checkpoint(run_dir, "auto") == run_dir / "hpc_ckpt_1.ckpt"
+    assert find_resume_checkpoint(run_dir, "auto") == run_dir / "checkpoints" / "last.ckpt"
     summary = training.run(compose(overrides=small_run_overrides(run_dir, 8, extra)))
     assert summary["step"] == 8
-    # it continued at step 5 (no step trained twice, as resuming from last.ckpt at step 3 would)...
+    # it continued at step 5 (no step trained twice, as resuming from step_0000003.ckpt would), each step logged once
     with open(run_dir / "logs" / "metrics.csv") as f:
         steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
-    assert steps == sorted(set(steps)) and steps[-3:] == [5, 6, 7]
-    # ...and ends where an uninterrupted run ends
-    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
-    b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert steps == list(range(8))
+    # ...and ends where an uninterrupted run ends (last.ckpt: the final step, 8)
+    a = torch.load(straight / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 8
+    a, b = a["state_dict"], b["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def _sbatch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    """Run slurm/train.sbatch as SLURM would on the first node, with `srun` replaced by a recorder."""
+def _sbatch(tmp_path: Path, *args: str, **slurm_env: str) -> subprocess.CompletedProcess:
+    """Run slurm/train.sbatch as SLURM would on the first node, with `srun` replaced by a recorder of its
+    arguments and of the thread settings its tasks would inherit."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    (bin_dir / "srun").write_text(f'#!/bin/sh\necho "$@" > {tmp_path / "srun_args"}\n')
+    (bin_dir / "srun").write_text(
+        f'#!/bin/sh\necho "$@" > {tmp_path / "srun_args"}\necho "$OMP_NUM_THREADS $SRUN_CPUS_PER_TASK" > '
+        f"{tmp_path / 'srun_threads'}\n"
+    )
     (bin_dir / "srun").chmod(0o755)
     venv = tmp_path / "venv"
     (venv / "bin").mkdir(parents=True, exist_ok=True)
     (venv / "bin" / "activate").write_text("")
-    env = {**os.environ, **SLURM_ENV, "SLURM_NNODES": "4", "SLURM_NTASKS_PER_NODE": "8(x4)",
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "OMP_NUM_THREADS"}
+    env = {**env, **SLURM_ENV, "SLURM_NNODES": "4", "SLURM_NTASKS_PER_NODE": "8(x4)", **slurm_env,
            "PATH": f"{bin_dir}:{os.environ['PATH']}", "ERG_REPO": str(ROOT), "ERG_VENV": str(venv)}  # fmt: skip
     return subprocess.run(["bash", str(ROOT / "slurm" / "train.sbatch"), *args], env=env, capture_output=True,
                           text=True, timeout=60)  # fmt: skip
@@ -118,14 +127,29 @@ def test_sbatch_template_runs_one_task_per_gpu_and_resumes_by_name(tmp_path):
     text = (ROOT / "slurm" / "train.sbatch").read_text()
     for directive in ("--ntasks-per-node=8", "--gpus-per-node=8", "--signal=USR1@120", "--requeue"):
         assert f"#SBATCH {directive}" in text
-    result = _sbatch(tmp_path, "experiment=imagenet256_dit_xl2", "name=dit")
+    gpus = {"SLURM_CPUS_PER_TASK": "10", "SLURM_GPUS_ON_NODE": "8", "OMP_NUM_THREADS": "64"}
+    result = _sbatch(tmp_path, "experiment=imagenet256_dit_xl2", "name=dit", **gpus)
     assert result.returncode == 0, result.stderr
     args = (tmp_path / "srun_args").read_text().split()
     assert args[:3] == ["--kill-on-bad-exit=1", "python", "train.py"]
     assert args[3:] == ["trainer=multinode", "trainer.num_nodes=4", "trainer.devices=8", "resume=auto",
                         "experiment=imagenet256_dit_xl2", "name=dit"]  # fmt: skip
+    # the tasks' threads follow --cpus-per-task (not the submitting shell's OMP_NUM_THREADS), and srun
+    # is told the CPUs per task (Slurm 22.05's srun does not inherit them from sbatch)
+    assert (tmp_path / "srun_threads").read_text().split() == ["10", "10"]
+    assert "4 node(s) x 8 task(s) x 10 CPU(s), 8 GPU(s) per node; OMP_NUM_THREADS=10" in result.stdout
     refused = _sbatch(tmp_path, "experiment=imagenet256_dit_xl2")
     assert refused.returncode == 2 and "give name=<run name>" in refused.stderr
+
+
+def test_sbatch_template_on_cpus_names_no_gpus(tmp_path):
+    """A CPU job (--gpus-per-node=0, or none asked): no GPU count printed; one thread per task by default."""
+    cpu = {"SLURM_NNODES": "1", "SLURM_NTASKS_PER_NODE": "2", "SLURM_GPUS_PER_NODE": "0"}
+    result = _sbatch(tmp_path, "name=cpu", "trainer.accelerator=cpu", **cpu)
+    assert result.returncode == 0, result.stderr
+    assert "1 node(s) x 2 task(s) x 1 CPU(s) per node; OMP_NUM_THREADS=1" in result.stdout
+    assert "GPU" not in result.stdout
+    assert (tmp_path / "srun_threads").read_text().split() == ["1", "1"]
 
 
 def test_submitit_launcher_config_composes():
@@ -144,11 +168,23 @@ def test_submitit_launcher_config_composes():
     assert launcher.timeout_min > 0 and launcher.array_parallelism > 0 and launcher.signal_delay_s > 0
 
 
-def test_trainer_configs_build_their_strategies():
-    from lightning.pytorch.strategies import DDPStrategy, FSDPStrategy
+def test_training_sweep_files_go_outside_every_run_folder():
+    """train.py -m: Hydra's (and submitit's) files of the sweep go to multirun/train/<time>, not into the
+    run folder of the base config or of a point (they used to land in ${run_dir}/multirun)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
 
-    from models.dit import DiT, DiTBlock
-    from models.mmdit import MMDiT, MMDiTBlock
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = hydra_compose("train", ["name=lr${optim.lr}", "hydra/launcher=submitit_slurm"], return_hydra_config=True)
+    sweep_dir = Path(cfg.hydra.sweep.dir)
+    assert sweep_dir.parts[:2] == ("multirun", "train") and "runs" not in sweep_dir.parts
+    assert Path(cfg.hydra.launcher.submitit_folder).parts[:3] == sweep_dir.parts[:3]
+
+
+def test_trainer_configs_build_their_strategies():
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
 
     def kwargs(option: str) -> dict:
         cfg = compose(overrides=[f"trainer={option}"])
@@ -158,7 +194,5 @@ def test_trainer_configs_build_their_strategies():
     assert isinstance(ddp["strategy"], DDPStrategy) and ddp["use_distributed_sampler"] is False
     multinode = kwargs("multinode")
     assert (multinode["num_nodes"], multinode["devices"]) == (2, 8) and isinstance(multinode["strategy"], DDPStrategy)
-    fsdp = kwargs("fsdp")["strategy"]
-    assert isinstance(fsdp, FSDPStrategy)
-    # the trained model and its EMA copy are wrapped alike (their shards line up), and every block
-    assert fsdp.kwargs["auto_wrap_policy"]._module_classes == {DiT, DiTBlock, MMDiT, MMDiTBlock}
+    fsdp = kwargs("fsdp")["strategy"]  # FSDP2, sharded by RectifiedFlowModule.configure_model (tests/test_fsdp.py)
+    assert isinstance(fsdp, ModelParallelStrategy) and fsdp._save_distributed_checkpoint is False

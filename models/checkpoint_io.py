@@ -1,0 +1,81 @@
+"""Checkpoint files written atomically on any filesystem, and read back only if they are whole.
+
+Lightning's default writer goes through fsspec: the bytes are written under `$TMPDIR` and then moved over
+the final name. On a cluster `$TMPDIR` is node-local and the run folder is on shared storage, so the move
+is a copy: a kill or a full disk during it leaves a truncated `last.ckpt` under its final name, and every
+rerun then fails on it. `AtomicCheckpointIO` (a Lightning `CheckpointIO` plugin, so periodic, last, at
+fractions and stop checkpoints all go through it) streams `torch.save` into a temporary file beside the
+final name (`models.io.atomic_open`: same folder, same filesystem), fsyncs it and renames it into place.
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from models.io import atomic_open, stale_temporaries
+
+__all__ = ["AtomicCheckpointIO", "CheckpointWriteError", "read_checkpoint_step", "save_checkpoint_atomic"]
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (disk full, quota, permissions); the previous file is intact."""
+
+
+def save_checkpoint_atomic(checkpoint: dict[str, Any], path: str | Path) -> Path:
+    """`torch.save(checkpoint, path)` so that `path` holds the previous file or the new one, never a part.
+    Temporaries left by writers killed earlier (SIGKILL: nothing could remove them) are removed after a
+    successful write; one process writes a given checkpoint (rank 0), so none of them is still in use."""
+    path = Path(path)
+    try:
+        with atomic_open(path) as f:
+            torch.save(checkpoint, f)
+    except Exception as raised:
+        err = _os_error(raised)
+        if err is None:
+            raise
+        what = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
+        previous = f"the previous {path.name} is intact" if path.exists() else "no earlier file had that name"
+        raise CheckpointWriteError(
+            err.errno,
+            f"could not write checkpoint {path}: {what} ({err.strerror or err}); {previous} and no partial file "
+            "was left. Free space (or write checkpoints less often: checkpoint.every_n_steps) and rerun the same "
+            "command to resume",
+        ) from raised
+    for stale in stale_temporaries(path):
+        stale.unlink(missing_ok=True)
+    return path
+
+
+def _os_error(err: BaseException | None) -> OSError | None:
+    """The OSError behind `err`: torch.save's zip writer turns a failed write (ENOSPC) into a RuntimeError
+    ("unexpected pos ...") raised while the OSError is being handled."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, OSError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's torch checkpoint IO with an atomic, same-folder write (loading is unchanged)."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options (it writes local/shared files)")
+        save_checkpoint_atomic(checkpoint, path)
+
+
+def read_checkpoint_step(path: str | Path) -> int:
+    """The training step a checkpoint holds, read through a full (memory-mapped, weights-only) load, so a
+    truncated or foreign file raises. The mmap makes it cheap: tensor bytes are mapped, not read."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("global_step"), int):
+        raise ValueError("not a training checkpoint (no global_step)")
+    return ckpt["global_step"]

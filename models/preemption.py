@@ -1,0 +1,210 @@
+"""Stop a training run cleanly on SIGTERM / SIGINT / SIGUSR1, on any number of ranks, and requeue it under SLURM.
+
+What a cluster job goes through: SLURM sends SIGTERM at the time limit, on preemption and on `scancel`
+(SIGKILL follows after its KillWait, 30 s by default), and the sbatch template asks for SIGUSR1 120 s
+before the time limit (`#SBATCH --signal=USR1@120`). A terminal sends SIGINT on Ctrl-C.
+
+- The signal handler only sets a flag (Lightning issue 21406: saving inside the handler can run in the
+  middle of a collective on one rank while the others wait elsewhere, and hang).
+- At the end of every optimizer step (`on_train_batch_end`, after the step's periodic checkpoints and
+  sample grids: Lightning runs `Checkpoint` callbacks last, and this is one) the ranks agree on the flags
+  with ONE all-reduce (MAX; over a CPU/gloo group, so it never waits for the GPU stream). Every rank
+  reaches that point after the same number of steps, so the collective always pairs up.
+- Then every rank calls `trainer.save_checkpoint(checkpoints/last.ckpt)` together (rank 0 writes it
+  atomically, `models.checkpoint_io`) and rank 0 requeues the job if a rank received SIGUSR1 under SLURM
+  (`requeue_slurm_job`). Every rank raises `RunStopped` when the next batch starts (after Lightning has
+  logged the step's metrics, so metrics.csv holds every step the checkpoint holds): `train.py` prints one
+  line (rank 0) and exits with 128 + the signal number. Rerunning the same command resumes from there.
+  A signal during the last step changes nothing: the run ends normally (last.ckpt at its final step).
+- A second Ctrl-C stops at once (KeyboardInterrupt), as a user pressing it twice expects; the checkpoints
+  on disk stay intact (atomic writes).
+
+Lightning's own SLURM auto-requeue (it saves inside the USR1 handler) is switched off where the run is
+assembled (`models.training`: `SLURMEnvironment(auto_requeue=False)`), and the SIGTERM handler Lightning
+installs when `fit` starts (it broadcasts inside the handler) is replaced at `on_train_start`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Checkpoint
+
+__all__ = ["STOP_SIGNALS", "GracefulStop", "RunStopped", "on_slurm", "requeue_slurm_job", "slurm_job_id"]
+
+log = logging.getLogger("erg.train")
+
+# The signals that stop a run; SIGUSR1 also requeues it under SLURM. Their order is the flag vector's.
+STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+REQUEUE_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR1,)
+REQUEUE_COMMAND: tuple[str, ...] = ("scontrol", "requeue")
+
+
+class RunStopped(Exception):
+    """Training was stopped by a signal after saving a checkpoint; `str()` is the one line to print."""
+
+    def __init__(
+        self, signals: list[signal.Signals], step: int, checkpoint: Path | None, requeue: str | None, rank: int = 0
+    ):
+        self.signals = signals
+        self.rank = rank  # the one line is printed by rank 0
+        self.step = step
+        self.checkpoint = checkpoint
+        self.requeue = requeue  # what the requeue did (None: not asked)
+        super().__init__(self.message())
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a process the signal ended."""
+        return 128 + int(self.signals[0])
+
+    def message(self) -> str:
+        names = "/".join(s.name for s in self.signals)
+        saved = f"checkpoint {self.checkpoint}" if self.checkpoint else "no checkpoint (a smoke run keeps none)"
+        line = f"stopped by {names} at step {self.step}, {saved}: rerun the same command to resume"
+        return line if self.requeue is None else f"{line} ({self.requeue})"
+
+
+def slurm_job_id() -> str | None:
+    """This job's id as `scontrol` takes it (`<array job>_<task>` for a job array task); None outside SLURM."""
+    array_job, task = os.environ.get("SLURM_ARRAY_JOB_ID"), os.environ.get("SLURM_ARRAY_TASK_ID")
+    if array_job and task:
+        return f"{array_job}_{task}"
+    return os.environ.get("SLURM_JOB_ID")
+
+
+def on_slurm() -> bool:
+    """A batch job of SLURM (not an interactive allocation: job name `bash` / `interactive`, as Lightning)."""
+    return slurm_job_id() is not None and os.environ.get("SLURM_JOB_NAME") not in ("bash", "interactive")
+
+
+def requeue_slurm_job(command: Sequence[str] = REQUEUE_COMMAND) -> tuple[bool, str]:
+    """Requeue this SLURM job: `scontrol requeue $SLURM_JOB_ID` (the one place that does). Returns (done,
+    what happened); a failure is reported, never raised: the checkpoint is saved either way."""
+    job = slurm_job_id()
+    cmd = [*command, str(job)]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return False, f"`{' '.join(cmd)}` failed ({err}); the job was not requeued"
+    if result.returncode != 0:
+        detail = (result.stderr or result.stdout).strip().splitlines()
+        why = f": {detail[-1]}" if detail else ""
+        return False, f"`{' '.join(cmd)}` exited {result.returncode}{why}; the job was not requeued"
+    return True, f"requeued SLURM job {job}: it resumes from this checkpoint when it starts again"
+
+
+class GracefulStop(Checkpoint):
+    """Finish the current step, save `checkpoint`, requeue under SLURM on SIGUSR1, stop with `RunStopped`.
+
+    A `Checkpoint` callback so that Lightning runs it after the other callbacks (put it after the
+    ModelCheckpoint in the list: `trainer.checkpoint_callback` is the first one). A save at the end of a
+    training batch is also the point Lightning's own checkpoints are taken at, which its resume logic
+    expects (the loop counters, the logging step).
+
+    Use `with stop.handling_signals(): trainer.fit(...)`: the handlers are installed before `fit` (so a
+    signal during start-up is not lost), re-installed at `on_train_start` over Lightning's SIGTERM handler,
+    and the previous handlers are restored when the block ends. `checkpoint=None` (a smoke run) stops
+    without saving. `requeue_command` is the command `requeue_slurm_job` runs (tests pass a fake one).
+    """
+
+    def __init__(self, checkpoint: str | Path | None, requeue_command: Sequence[str] = REQUEUE_COMMAND):
+        self.checkpoint = Path(checkpoint) if checkpoint is not None else None
+        self.requeue_command = tuple(requeue_command)
+        self.received: dict[signal.Signals, bool] = dict.fromkeys(STOP_SIGNALS, False)
+        self._pid = os.getpid()
+        self._previous: dict[signal.Signals, Any] = {}
+        self._group: Any = None  # the process group of the flag all-reduce (None: the default group)
+        self._checked_step: int | None = None
+        self._stopped: RunStopped | None = None  # saved (and requeued): raised when the next batch starts
+
+    # --- signal handlers: a flag only ----------------------------------------------------------------
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if os.getpid() != self._pid:  # a forked DataLoader worker: the main process decides
+            return
+        sig = signal.Signals(signum)
+        if sig == signal.SIGINT and self.received[sig]:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop now (checkpoints on disk are never partial)
+        self.received[sig] = True
+
+    def _install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # Python only lets the main thread set handlers (Lightning skips them there too)
+        for sig in STOP_SIGNALS:
+            previous = signal.signal(sig, self._handle)
+            self._previous.setdefault(sig, previous)
+
+    @contextlib.contextmanager
+    def handling_signals(self) -> Iterator[GracefulStop]:
+        """Install the stop handlers for the duration of the block (main thread only), then restore."""
+        self._install()
+        try:
+            yield self
+        finally:
+            for sig, previous in self._previous.items():
+                signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+            self._previous = {}
+
+    # --- the agreement at step boundaries ----------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._install()  # over the SIGTERM handler Lightning registered when fit started
+        self._checked_step = trainer.global_step
+        if _distributed(trainer) and dist.get_backend() != "gloo":
+            # NCCL (GPUs): the flags travel on a CPU group, so reading them never waits for the GPU stream.
+            # Created on every rank in the same order (on_train_start runs everywhere), as new_group requires.
+            self._group = dist.new_group(backend="gloo")
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        step = trainer.global_step
+        if step == self._checked_step or self._stopped is not None:  # mid-accumulation, or already stopping
+            return
+        self._checked_step = step
+        signals = self._agree(trainer)
+        if signals and not (0 < trainer.max_steps <= step):  # (the last step ends the run anyway)
+            self._stopped = self._save_and_requeue(trainer, signals)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if self._stopped is not None:
+            raise self._stopped
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if any(self.received.values()) and self._stopped is None and trainer.is_global_zero:
+            log.info("a stop signal arrived during the last step; training had finished, nothing to resume")
+
+    def _agree(self, trainer: L.Trainer) -> list[signal.Signals]:
+        """The signals any rank received, the same list on every rank (one all-reduce of a few ints)."""
+        flags = torch.tensor([int(self.received[s]) for s in STOP_SIGNALS], dtype=torch.int32)
+        if _distributed(trainer):
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
+        return [s for s, f in zip(STOP_SIGNALS, flags.tolist()) if f]
+
+    def _save_and_requeue(self, trainer: L.Trainer, signals: list[signal.Signals]) -> RunStopped:
+        step = trainer.global_step
+        names = "/".join(s.name for s in signals)
+        if trainer.is_global_zero:
+            log.warning("%s received: saving a checkpoint at step %d, then stopping", names, step)
+        if self.checkpoint is not None:
+            trainer.save_checkpoint(self.checkpoint)  # every rank; rank 0 writes; ends with a barrier
+        requeue = None
+        if any(s in REQUEUE_SIGNALS for s in signals) and on_slurm():
+            requeue = "requeued by rank 0"
+            if trainer.is_global_zero:
+                done, requeue = requeue_slurm_job(self.requeue_command)
+                (log.info if done else log.warning)("%s", requeue)
+        return RunStopped(signals, step, self.checkpoint, requeue, rank=trainer.global_rank)
+
+
+def _distributed(trainer: L.Trainer) -> bool:
+    return trainer.world_size > 1 and dist.is_available() and dist.is_initialized()

@@ -1,0 +1,263 @@
+"""Signals end runs cleanly (models/preemption.py), tested on real processes of the real entry point:
+SIGTERM / SIGINT / SIGUSR1 at chosen phases of a step (inside forward, backward, the optimizer step, the
+batch fetch) or at random moments, on one process and on 2 CPU ranks (gloo, DDP through Lightning). Every
+trial must end (a hang fails on a timeout), exit with 128 + the signal and one line from rank 0, leave
+last.ckpt at the step reached, and the rerun of the same command must end bit for bit where an
+uninterrupted run ends, with every step once in metrics.csv."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, small_run_overrides
+
+STEPS = 10
+EXTRA = ["checkpoint.every_n_steps=4", "optim.warmup_steps=2", "checkpoint.at_fractions=[]"]
+DDP = ["trainer=multinode", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.num_nodes=1",
+       "trainer.precision=32-true", "trainer.benchmark=false", "data.batch_size=8"]  # fmt: skip
+PHASES = ["forward", "backward", "optimizer", "dataloader", "start"]
+SIGNALS = [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1]
+WAIT_S = 300  # a start or an exit slower than this is a hang (the 2-core machine is shared)
+STOPPED = re.compile(r"stopped by (\w+) at step (\d+), checkpoint (\S+): rerun the same command to resume( \(.+\))?")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Job:
+    """`world` processes of tests/stop_worker.py, started the way `srun --ntasks-per-node=<world>` does
+    (world 1: a plain process, no SLURM variables). A fake `scontrol` in PATH records requeues."""
+
+    def __init__(self, tmp: Path, run_dir: Path, world: int, phase: str = "none", step: int = 0):
+        self.markers = tmp / "markers"
+        self.markers.mkdir(parents=True, exist_ok=True)
+        for old in self.markers.iterdir():
+            old.unlink()
+        bin_dir = tmp / "bin"
+        bin_dir.mkdir(exist_ok=True)
+        self.scontrol_calls = tmp / "scontrol_calls"
+        (bin_dir / "scontrol").write_text(f'#!/bin/sh\necho "$@" >> {self.scontrol_calls}\n')
+        (bin_dir / "scontrol").chmod(0o755)
+        base = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        base.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", PATH=f"{bin_dir}:{os.environ['PATH']}")
+        overrides = [*small_run_overrides(run_dir, STEPS, EXTRA), *(DDP if world > 1 else [])]
+        port = _free_port()
+        self.procs = []
+        for rank in range(world):
+            env = dict(base)
+            if world > 1:
+                env.update({
+                    "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "erg-test", "SLURM_NTASKS": str(world),
+                    "SLURM_NTASKS_PER_NODE": str(world), "SLURM_NNODES": "1", "SLURM_PROCID": str(rank),
+                    "SLURM_LOCALID": str(rank), "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost",
+                    "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                })  # fmt: skip
+            cmd = [sys.executable, str(ROOT / "tests" / "stop_worker.py"), str(self.markers), phase, str(step),
+                   *overrides]  # fmt: skip
+            self.procs.append(subprocess.Popen(cmd, env=env, cwd=tmp, stdout=subprocess.PIPE,
+                                               stderr=subprocess.STDOUT, text=True))  # fmt: skip
+
+    def wait_for(self, name: str) -> bool:
+        """Wait until a rank wrote the marker `name` (False: every process ended first)."""
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            if any(self.markers.glob(f"{name}.rank*")):
+                return True
+            if all(p.poll() is not None for p in self.procs):
+                return False
+            time.sleep(0.02)
+        self.kill()
+        pytest.fail(f"no rank reached {name} within {WAIT_S} s")
+
+    def signal(self, sig: signal.Signals, ranks: list[int]) -> None:
+        for r in ranks:
+            with contextlib.suppress(ProcessLookupError):  # that rank already finished
+                os.kill(self.procs[r].pid, sig)
+
+    def finish(self) -> tuple[list[int], list[str]]:
+        """Every process's exit code and output; a process still running after WAIT_S is a hang."""
+        outputs = []
+        try:
+            for p in self.procs:
+                outputs.append(p.communicate(timeout=WAIT_S)[0])
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"hang: a rank did not exit within {WAIT_S} s of the signal")
+        return [p.returncode for p in self.procs], outputs
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _run(tmp: Path, run_dir: Path, world: int) -> None:
+    """A run to the end (the same command, no signal)."""
+    rcs, outputs = Job(tmp, run_dir, world).finish()
+    assert rcs == [0] * world, outputs[0][-3000:]
+
+
+def _run_here(run_dir: Path) -> None:
+    """The uninterrupted one-process run, in this process (saves a start-up); one thread, as the workers."""
+    from models.training import run
+    from tests.conftest import compose
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(compose(overrides=small_run_overrides(run_dir, STEPS, EXTRA)))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _interrupt(tmp: Path, run_dir: Path, world: int, phase: str, step: int, sig: signal.Signals,
+               ranks: list[int]) -> int | None:  # fmt: skip
+    """Start the same command, signal `ranks` while they are inside `phase` of `step` (or at a random moment
+    after the first batch: phase `start`), check how the run ended; the step it stopped at (None: the run had
+    finished before the signal came)."""
+    trial = f"{sig.name} to rank(s) {ranks} in {phase} of step {step}"
+    job = Job(tmp, run_dir, world, phase, step)
+    reached = job.wait_for(phase)
+    if phase == "start":
+        time.sleep(random.uniform(0.0, 0.3))  # a random moment of the next few steps
+    requeues_before = job.scontrol_calls.read_text() if job.scontrol_calls.exists() else ""
+    if reached:
+        job.signal(sig, ranks)
+    rcs, outputs = job.finish()
+    for out in outputs:
+        assert "Traceback" not in out, f"{trial}:\n{out[-4000:]}"
+    if rcs == [0] * world:  # the signal came after the last step: nothing to resume
+        return None
+    assert rcs == [128 + sig] * world, f"{trial}: exit codes {rcs}\n{outputs[0][-3000:]}"
+    lines = [line for line in outputs[0].splitlines() if line.strip()]
+    match = STOPPED.fullmatch(lines[-1])
+    assert match, f"{trial}: the last line is not the stop message:\n{outputs[0][-3000:]}"
+    assert sum(bool(STOPPED.search(line)) for out in outputs for line in out.splitlines()) == 1  # one line
+    stopped_at, ckpt = int(match[2]), Path(match[3])
+    assert match[1] == sig.name and ckpt == run_dir / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=True)["global_step"] == stopped_at, trial
+    if phase in ("forward", "backward", "optimizer"):
+        assert stopped_at == step + 1, trial  # the step in progress was finished, and no other
+    else:
+        assert stopped_at >= step, trial
+    assert not list(run_dir.glob("hpc_ckpt_*.ckpt")), trial  # Lightning's own requeue (saves in the handler) is off
+    requeues = job.scontrol_calls.read_text()[len(requeues_before) :] if job.scontrol_calls.exists() else ""
+    if sig == signal.SIGUSR1 and world > 1:  # under SLURM: rank 0 requeued the job, once
+        assert requeues.split() == ["requeue", "4242"], trial
+        assert "requeued SLURM job 4242" in lines[-1]
+    else:
+        assert requeues == "", trial
+    return stopped_at
+
+
+def _assert_same_end(run_dir: Path, reference: Path) -> None:
+    """The resumed run ends bit for bit where the uninterrupted one ends; metrics.csv has each step once."""
+    a = torch.load(reference / "checkpoints" / "last.ckpt", weights_only=True)
+    b = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == STEPS
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key in a["state_dict"]:
+        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+    for i, state in a["optimizer_states"][0]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(state[name], b["optimizer_states"][0]["state"][i][name]), (i, name)
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    logged = Counter((k, r["step"]) for r in rows for k, v in r.items() if v and k not in ("step", "epoch"))
+    assert max(logged.values()) == 1, [k for k, n in logged.items() if n > 1]
+    assert [int(r["step"]) for r in rows if r.get("train/loss")] == list(range(STEPS))
+    with open(reference / "logs" / "metrics.csv") as f:
+        expected = [r["train/loss"] for r in csv.DictReader(f) if r.get("train/loss")]
+    assert [r["train/loss"] for r in rows if r.get("train/loss")] == expected
+
+
+def test_sigterm_then_sigusr1_outside_slurm_stop_a_run_that_resumes_exactly(tmp_path):
+    """One process, no SLURM: SIGTERM inside the forward pass, then (in the rerun) SIGUSR1 inside the
+    optimizer step, which outside SLURM does what SIGTERM does; the third run ends like an uninterrupted one."""
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    _run_here(reference)
+    assert _interrupt(tmp_path, run_dir, 1, "forward", 3, signal.SIGTERM, [0]) == 4
+    assert _interrupt(tmp_path, run_dir, 1, "optimizer", 6, signal.SIGUSR1, [0]) == 7
+    _run(tmp_path, run_dir, 1)
+    _assert_same_end(run_dir, reference)
+
+
+def _two_rank_trials(tmp_path: Path, n: int) -> None:
+    """n interruptions of one run at random (phase, signal, ranks), each in the run resumed from the last."""
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    _run(tmp_path, reference, 2)
+    resumed_at = 0
+    for _ in range(n):
+        if resumed_at >= STEPS - 1:
+            break
+        step = random.randint(resumed_at, min(resumed_at + 2, STEPS - 2))
+        stopped = _interrupt(tmp_path, run_dir, 2, random.choice(PHASES), step, random.choice(SIGNALS),
+                             random.choice([[0], [1], [0, 1]]))  # fmt: skip
+        if stopped is None:  # the signal came after the last step
+            break
+        resumed_at = stopped
+    _run(tmp_path, run_dir, 2)
+    _assert_same_end(run_dir, reference)
+
+
+def test_two_ranks_stop_together_and_resume_bit_for_bit(tmp_path):
+    """2 CPU ranks (gloo, Lightning DDP): a signal (SIGTERM / SIGINT / SIGUSR1, which requeues under SLURM) to
+    one rank or both, at a random phase (forward, backward, optimizer, batch fetch, a random moment), twice."""
+    _two_rank_trials(tmp_path, 2)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("chain", range(4))
+def test_two_ranks_stop_together_many_trials(tmp_path, chain):
+    """The same, 4 chains x 4 interruptions at random phases, signals and ranks."""
+    _two_rank_trials(tmp_path, 4)
+
+
+def test_lightning_slurm_auto_requeue_is_off(monkeypatch):
+    """Under SLURM the Trainer gets Lightning's SLURM environment with auto_requeue=False, so Lightning installs
+    no SIGUSR1 handler of its own (it would save inside it: Lightning issue 21406); the default one would."""
+    import lightning as L
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from models.checkpoint_io import AtomicCheckpointIO
+    from models.training import _plugins
+
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "erg-train", "SLURM_NTASKS": "1",
+             "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0",
+             "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}  # fmt: skip
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+
+    def usr1_handler_lightning_installs(plugins: list) -> object:
+        trainer = L.Trainer(accelerator="cpu", devices=1, plugins=plugins, logger=False, enable_checkpointing=False)
+        before = signal.getsignal(signal.SIGUSR1)
+        trainer._signal_connector.register_signal_handlers()
+        try:
+            return signal.getsignal(signal.SIGUSR1) if signal.getsignal(signal.SIGUSR1) is not before else None
+        finally:
+            trainer._signal_connector.teardown()
+
+    plugins = _plugins(None)
+    environments = [p for p in plugins if isinstance(p, SLURMEnvironment)]
+    assert len(environments) == 1 and environments[0].auto_requeue is False
+    assert any(isinstance(p, AtomicCheckpointIO) for p in plugins)
+    assert usr1_handler_lightning_installs(plugins) is None
+    assert usr1_handler_lightning_installs([SLURMEnvironment()]) is not None  # Lightning's default would
