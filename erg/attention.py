@@ -200,7 +200,7 @@ class SmoothedEnergy(Rectifier):
     """SEG (Hong, 2024): blur the image-token queries on their 2D grid, then plain attention.
 
     Each channel of the queries (heads x head_dim) is blurred by a Gaussian of std `sigma` on the
-    (H, W) token grid (`erg.blur`: kernel ceil(6 sigma) + 1 made odd, reflect padding). sigma >=
+    (H, W) token grid (`erg.blur`: SEG's kernel ceil(6 sigma) + 1 - ceil(6 sigma) % 2, reflect padding). sigma >=
     `INFINITE` (1e4, as SEG's reference) replaces the image queries by their mean over the grid: every
     image token then attends with the same (maximally smoothed) attention weights.
     """

@@ -65,7 +65,7 @@ class SAGConfig:
     sag_scale: float = 0.75  # s (diffusers' default)
     layers: Any = (12, 15)  # [l_min, l_max): blocks whose maps are averaged (middle blocks, appendix B.4)
     blur_sigma: float = 1.0
-    blur_kernel: int | None = 9  # diffusers' SAG; null: ceil(6 sigma) + 1, odd
+    blur_kernel: int | None = 9  # SAG's reference and diffusers; null: SEG's size (erg.blur)
     threshold: float = 1.0
 
     def __post_init__(self) -> None:
