@@ -239,10 +239,16 @@ class AttentionSink(Protocol):
 
 
 class AttentionMaps:
-    """The standard sink: head-averaged attention probabilities per layer.
+    """The sink SAG reads: per layer, the image-to-image attention, averaged over heads.
 
-    maps[layer]: (rows, image queries, keys); sites[layer]: the layer's Site (its image segment
-    tells which keys are image tokens). A layer recorded twice keeps the latest call.
+    maps[layer]: (rows, image queries, image keys). In joint text-image attention (MMDiT, SD3) part of
+    every image query's attention goes to the text keys, and that share grows with the text length. SAG
+    defines its mask on image self-attention, where each query's row sums to 1 (Hong et al., 2023: "sum
+    over queries > 1" means a key attended above average). So each head's image-query -> image-key
+    block is renormalised over the image keys (the softmax restricted to them) before the head average:
+    the map, and SAG's mask, then mean the same thing whatever the number of text tokens. Layers
+    without text keys (DiT) are recorded as computed (nothing to renormalise). sites[layer]: the
+    layer's Site. A layer recorded twice keeps the latest call.
     """
 
     def __init__(self) -> None:
@@ -250,14 +256,19 @@ class AttentionMaps:
         self.sites: dict[int, Site] = {}
 
     def record(self, site: Site, probs: Tensor) -> None:
+        keys = probs.shape[-1]
+        image = range(*site.image.indices(keys))
+        if len(image) != keys:  # text keys present: restrict each (head, query) row to the image keys
+            probs = probs[..., site.image]
+            probs = probs / probs.sum(dim=-1, keepdim=True)
         self.maps[site.layer] = probs.mean(dim=1)
         self.sites[site.layer] = site
 
     def image_to_image(self, layer: int) -> Tensor:
-        """(rows, image queries, image keys) of a recorded layer."""
+        """(rows, image queries, image keys) of a recorded layer; every row sums to 1."""
         if layer not in self.maps:
             raise KeyError(f"no attention map recorded for layer {layer} (recorded: {sorted(self.maps)})")
-        return self.maps[layer][:, :, self.sites[layer].image]
+        return self.maps[layer]
 
 
 @dataclass(frozen=True, eq=False)

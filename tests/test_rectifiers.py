@@ -189,13 +189,16 @@ def test_capture_records_head_averaged_probabilities_of_its_rows(qkv):
         sink.image_to_image(3)
 
 
-def test_capture_in_joint_attention_keeps_image_queries_and_can_slice_image_keys():
+def test_capture_in_joint_attention_keeps_image_queries_and_image_keys_renormalised():
     q, k, v = joint_qkv()
     sink = AttentionMaps()
     site = Site(layer=0, image=slice(4, 16), grid=(3, 4))
     attention(q, k, v, site, AttentionPlan.single(Capture(sink), [0]))
-    assert sink.maps[0].shape == (3, 12, 16)  # image queries x all keys
+    # SAG's map: each head's image-query rows restricted to the image keys (softmax over them), head-averaged
+    q_img, k_img = q[:, :, 4:].float(), k[:, :, 4:].float()
+    expected = torch.softmax(q_img @ k_img.transpose(-1, -2) / math.sqrt(8), dim=-1).mean(dim=1)
     assert sink.image_to_image(0).shape == (3, 12, 12)
+    torch.testing.assert_close(sink.image_to_image(0), expected)
 
 
 # --- seam rules for every rectifier --------------------------------------------------------------
