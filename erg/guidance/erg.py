@@ -5,6 +5,8 @@
 The negative branch `neg` is the same model with
 - I-ERG (`image`): Algorithm 1 (temperature tau, K energy steps with alpha, gamma) on the image
   tokens of blocks [l_min, l_max), active exactly when t > kappa (t = 0 noise: after the kickoff);
+  `update=listing2` runs the paper's Listing 2 instead (Q scaled by tau before the energy steps; the
+  two differ when gamma != 1, e.g. Table 7's text-to-image gamma 1.5; erg.attention.Temperature);
 - C-ERG (`text`): the prompt encoded with temperature tau_c on the self-attention logits of the
   chosen text-encoder blocks (erg/text_attention.py), at every step.
 `condition` chooses what `neg` is conditioned on: "c_erg" (ERG; models without a text encoder use
@@ -19,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from erg.attention import Temperature
+from erg.attention import UPDATES, Temperature
 from erg.guidance.base import (
     CONDITION_KINDS,
     RECTIFIED,
@@ -46,6 +48,7 @@ class ImageERG:
     steps: int = 1  # K energy steps
     layers: Any = (12, 15)  # [l_min, l_max)
     kappa: float = 0.3  # kickoff: active when t > kappa (t = 0 noise)
+    update: str = "algorithm1"  # algorithm1 | listing2: the paper's two writings, differ when gamma != 1
 
     def __post_init__(self) -> None:
         positive(self.tau, "guidance.image.tau")
@@ -54,6 +57,11 @@ class ImageERG:
         if not (isinstance(self.steps, int) and self.steps >= 1):
             raise GuidanceConfigError(f"guidance.image.steps (K) must be an integer >= 1, got {self.steps!r}")
         self.layers = layer_range(list(self.layers), "guidance.image.layers")
+        if self.update not in UPDATES:
+            raise GuidanceConfigError(
+                f"guidance.image.update must be one of {', '.join(UPDATES)} (Algorithm 1, or the paper's Listing 2 "
+                f"which scales Q by tau before the energy steps), got {self.update!r}"
+            )
         if not (isinstance(self.kappa, int | float) and -1.0 <= self.kappa <= 1.0):
             raise GuidanceConfigError(
                 f"guidance.image.kappa must be in [-1, 1] (I-ERG acts when t > kappa; 1 = never, < 0 = every "
@@ -110,7 +118,7 @@ def build_erg(cfg: ERGConfig, name: str = "erg") -> Guidance:
     if cfg.image is not None:
         im = cfg.image
         perturbation = Perturbation(
-            Temperature(im.tau, alpha=im.alpha, gamma=im.gamma, steps=im.steps),
+            Temperature(im.tau, alpha=im.alpha, gamma=im.gamma, steps=im.steps, update=im.update),
             frozenset(im.layers),
             TimeWindow(after=im.kappa),
             origin="guidance.image.layers",
