@@ -106,8 +106,8 @@ class Condition:
     """What a branch is conditioned on.
 
     kind: "cond" (the user's class / prompt), "null" (null class / empty prompt), or "c_erg" (the
-        prompt encoded with C-ERG's `text` temperature; models without a text encoder use the null
-        condition, see erg/conditioning.py).
+        user's condition encoded with C-ERG's `text` temperature, phi_c^tau of eq. (10); without a
+        temperature or a text encoder to put it in, the condition itself: erg/conditioning.py).
     noise: CADS' annealed noise on the encoded condition, per step.
     """
 

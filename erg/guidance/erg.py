@@ -9,9 +9,13 @@ The negative branch `neg` is the same model with
   two differ when gamma != 1, e.g. Table 7's text-to-image gamma 1.5; erg.attention.Temperature);
 - C-ERG (`text`): the prompt encoded with temperature tau_c on the self-attention logits of the
   chosen text-encoder blocks (erg/text_attention.py), at every step.
-`condition` chooses what `neg` is conditioned on: "c_erg" (ERG; models without a text encoder use
-their null class / empty prompt, so C-ERG is a no-op there), "cond" (I-ERG alone: only the image
-rectification differs from pos) or "null".
+`condition` chooses what `neg` is conditioned on, by one rule on every kind of model:
+- "c_erg" (ERG, eq. (10)): the user's condition through C-ERG, phi_c^tau; with no `text` temperature,
+  or no text encoder (class-conditional models), the condition itself, so tau_i = 1 gives the
+  conditional prediction (no guidance) everywhere. On a class-conditional model ERG is then I-ERG.
+- "cond" (I-ERG alone): the condition itself, only the image rectification differs from pos.
+- "null": the null class / empty prompt, rectified: section 3.1's other reading, "the
+  negative/unconditional prediction part of CFG" (`erg_null.yaml`; tau_i = 1 gives CFG).
 
 Both halves in one negative branch: two rows per image, one forward per step, as CFG.
 """
@@ -24,6 +28,7 @@ from typing import Any
 from erg.attention import UPDATES, Temperature
 from erg.guidance.base import (
     CONDITION_KINDS,
+    NULL,
     RECTIFIED,
     Branch,
     Condition,
@@ -98,6 +103,8 @@ class ERGConfig:
 
     def __post_init__(self) -> None:
         finite(self.scale, "guidance.scale")
+        if self.condition is None:  # `guidance.condition=null` on a command line / a bare YAML null
+            self.condition = NULL
         if self.condition not in CONDITION_KINDS:
             raise GuidanceConfigError(f"guidance.condition must be one of {CONDITION_KINDS}, got {self.condition!r}")
         self.image = parse(ImageERG, self.image, "guidance.image") if self.image is not None else None
