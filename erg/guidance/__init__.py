@@ -5,7 +5,8 @@
 `method` picks the branches (none, cfg, erg, pag, seg, sag, autoguidance); `apg` and `cads` compose
 with any method that has the branches they act on (APG replaces the pos/neg combination, CADS noises
 a branch's condition), so ERG + APG and ERG + CADS are not separate methods. `name` is the method's
-name in tables; `guided_channels` is DiT/SiT's first-channels-only quirk (off by default).
+name in tables; `guided_channels` is DiT/SiT's first-channels-only quirk (on for the public SiT-XL/2
+only: configs/presets/model/for_sit_xl2.yaml).
 """
 
 from __future__ import annotations

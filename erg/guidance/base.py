@@ -235,7 +235,8 @@ class Guidance:
 
     name: the method's name in tables ("cfg", "erg_apg", ...).
     guided_channels: DiT/SiT's quirk of guiding only the first channels (3 of 4); the remaining
-        channels take the positive prediction. None (default) guides every channel.
+        channels take the positive prediction. None guides every channel (the default, except when
+        sampling the public SiT-XL/2: configs/presets/model/for_sit_xl2.yaml sets 3).
     """
 
     name: str
