@@ -122,7 +122,8 @@ class Prompts(Conditioning):
                         f"{sorted(self.encoders)}"
                     )
                 module, layout = self.encoders[name]
-                stack.enter_context(AttentionTemperature(module, condition.text.tau, layers, layout, name=name))
+                text = condition.text
+                stack.enter_context(AttentionTemperature(module, text.tau, layers, layout, name=name, scope=text.scope))
             return self._encode(prompts)
 
 

@@ -85,10 +85,13 @@ class TextTemperature:
     """C-ERG: temperature `tau` on the self-attention logits of text-encoder blocks [l_min, l_max).
 
     layers: ((encoder name, (l_min, l_max)), ...), one entry per text encoder of the model.
+    scope: "query" (the paper's Listing 1: q scaled, so T5's relative position bias is not) or "logits"
+        (the whole logit, T5's bias included); erg/text_attention.py.
     """
 
     tau: float
     layers: tuple[tuple[str, tuple[int, int]], ...]
+    scope: str = "query"
 
 
 class ConditionNoise(ABC):

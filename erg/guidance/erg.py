@@ -8,7 +8,8 @@ The negative branch `neg` is the same model with
   `update=listing2` runs the paper's Listing 2 instead (Q scaled by tau before the energy steps; the
   two differ when gamma != 1, e.g. Table 7's text-to-image gamma 1.5; erg.attention.Temperature);
 - C-ERG (`text`): the prompt encoded with temperature tau_c on the self-attention logits of the
-  chosen text-encoder blocks (erg/text_attention.py), at every step.
+  chosen text-encoder blocks (erg/text_attention.py), at every step; `scope` = query (default, the
+  paper's Listing 1: T5's relative position bias stays unscaled) or logits (the whole logit).
 `condition` chooses what `neg` is conditioned on, by one rule on every kind of model:
 - "c_erg" (ERG, eq. (10)): the user's condition through C-ERG, phi_c^tau; with no `text` temperature,
   or no text encoder (class-conditional models), the condition itself, so tau_i = 1 gives the
@@ -39,6 +40,7 @@ from erg.guidance.base import (
 )
 from erg.guidance.cfg import linear_pair
 from erg.guidance.config import GuidanceConfigError, finite, layer_range, parse, positive
+from erg.text_attention import SCOPES
 
 __all__ = ["ERGConfig", "ImageERG", "TextERG", "build_erg"]
 
@@ -80,9 +82,16 @@ class TextERG:
 
     tau: float = 0.01
     layers: Any = None  # {encoder name: [l_min, l_max]}
+    scope: str = "query"  # query (Listing 1: T5's position bias unscaled) | logits (the whole logit)
 
     def __post_init__(self) -> None:
         positive(self.tau, "guidance.text.tau")
+        if self.scope not in SCOPES:
+            raise GuidanceConfigError(
+                f"guidance.text.scope must be one of {', '.join(SCOPES)} (query: the paper's Listing 1, a hook on "
+                f"the query projection; logits: tau on the whole logit, T5's relative position bias too), got "
+                f"{self.scope!r}"
+            )
         if not isinstance(self.layers, dict) or not self.layers:
             raise GuidanceConfigError(
                 f"guidance.text.layers must map text encoder names to [l_min, l_max], e.g. "
@@ -120,7 +129,7 @@ def build_erg(cfg: ERGConfig, name: str = "erg") -> Guidance:
     text = None
     if cfg.text is not None:
         layers = tuple((enc, (r.start, r.stop)) for enc, r in cfg.text.layers.items())
-        text = TextTemperature(cfg.text.tau, layers)
+        text = TextTemperature(cfg.text.tau, layers, cfg.text.scope)
     perturbation = None
     if cfg.image is not None:
         im = cfg.image
