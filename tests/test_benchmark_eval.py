@@ -18,5 +18,6 @@ def test_benchmark_eval_smoke_cpu(tmp_path):
     assert results["inception"]["img_per_s"] > 0 and results["inception"]["images"] == 1
     assert results["prdc"]["n"] == 64 and 0 <= results["prdc"]["precision"] <= 1
     assert results["fid"]["sqrtm_value"] == pytest.approx(results["fid"]["eigh_value"], rel=1e-9)
-    assert "| PRDC (k = 3) | seconds | peak memory |" in (tmp_path / "eval.md").read_text()
+    assert "| PRDC (k = 3) | exact (default), s | float32 comparisons only" in (tmp_path / "eval.md").read_text()
+    assert results["prdc"]["plain"]["precision"] == results["prdc"]["precision"]
     assert json.loads((tmp_path / "eval.json").read_text())["prdc"]["chunk_size"] == 20
