@@ -14,7 +14,8 @@ Rules the seam guarantees (tests/test_attention.py):
 
 Rectifiers defined here, acting on the *image-token queries* of their rows (text queries of a joint
 attention keep plain attention; `Temperature` can take the text segment instead):
-- `Temperature`: ERG's Algorithm 1 (logit temperature tau, K energy steps with alpha, gamma);
+- `Temperature`: ERG's Algorithm 1 (logit temperature tau, K energy steps with alpha, gamma), or
+  the paper's Listing 2 (`update="listing2"`);
 - `Identity`: PAG, the image-to-image attention map replaced by the identity (output = V);
 - `SmoothedEnergy`: SEG, image queries blurred on their 2D grid (sigma = inf: their mean);
 - `Capture`: SAG and the analyses, records the attention probabilities in a sink the caller owns
@@ -41,6 +42,7 @@ from torch import Tensor
 from erg.blur import gaussian_blur_2d
 
 __all__ = [
+    "UPDATES",
     "AttentionMaps",
     "AttentionPlan",
     "AttentionSink",
@@ -109,6 +111,9 @@ class Rectifier(ABC):
         """Attention output for the given rows. q, k, v: (rows, heads, tokens, head_dim)."""
 
 
+UPDATES = ("algorithm1", "listing2")
+
+
 @dataclass(frozen=True)
 class Temperature(Rectifier):
     """Energy-landscape rectification of the paper's Algorithm 1, on the image-token queries.
@@ -116,9 +121,17 @@ class Temperature(Rectifier):
         repeat K (`steps`) times:  Q <- Q - gamma * (Q - alpha * softmax(tau * beta * Q K^T) V)
 
     with beta = 1 / sqrt(d). K = 1, gamma = 1, alpha = 1 is attention with logits scaled by tau
-    (eq. (9)); it runs as a fused SDPA call. Note: Algorithm 1 keeps the residual Q unscaled; the
-    paper's Listing 2 scales Q by tau before the loop, which differs only when gamma != 1. We follow
-    Algorithm 1 (REFERENCE.md).
+    (eq. (9)); it runs as a fused SDPA call.
+
+    `update` chooses between the paper's two writings, which differ when gamma != 1 (and for K > 1):
+    - "algorithm1" (default): as above; the residual Q is the unscaled query, and every step's softmax
+      carries tau. Queries outside the segment keep plain attention.
+    - "listing2": the paper's Listing 2 (appendix C, `energy_based_attention` + `multistep_attention`):
+      the segment's queries are multiplied by tau once, then K steps Q <- Q - gamma (Q - alpha
+      softmax(beta Q K^T) V) run on every query of the layer (in joint attention the text queries too,
+      unscaled, as Listing 2 passes the concatenated queries). For K = 1 the rectified rows differ from
+      Algorithm 1 by exactly (1 - gamma)(1 - tau) Q (tests/test_rectifiers.py).
+    With gamma = alpha = K = 1 both are the same logit temperature.
     """
 
     tau: float
@@ -126,6 +139,7 @@ class Temperature(Rectifier):
     gamma: float = 1.0
     steps: int = 1
     segment: str = "image"
+    update: str = "algorithm1"
 
     def __post_init__(self) -> None:
         if self.segment not in ("image", "text"):
@@ -136,6 +150,8 @@ class Temperature(Rectifier):
             raise ValueError(f"step size gamma must be > 0, got {self.gamma}")
         if not (isinstance(self.steps, int) and self.steps >= 1):
             raise ValueError(f"steps K must be an integer >= 1, got {self.steps!r}")
+        if self.update not in UPDATES:
+            raise ValueError(f"update must be one of {UPDATES}, got {self.update!r}")
 
     @property
     def is_logit_scale(self) -> bool:
@@ -146,6 +162,13 @@ class Temperature(Rectifier):
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, site: Site) -> Tensor:
         tokens = site.segment(self.segment)
+        if self.update == "listing2":
+            q_new = q.clone()
+            q_new[:, :, tokens] = q[:, :, tokens] * self.tau  # Listing 2: qi *= tau_i, before the loop
+            for _ in range(self.steps):
+                attended = F.scaled_dot_product_attention(q_new, k, v)  # beta = 1 / sqrt(d)
+                q_new = q_new - self.gamma * (q_new - self.alpha * attended)
+            return q_new
         out = _attend_outside(q, k, v, tokens)  # queries outside the segment keep plain attention
         q_seg = q[:, :, tokens]
         scale = self.tau / math.sqrt(q.shape[-1])  # tau * beta
@@ -206,7 +229,7 @@ class SmoothedEnergy(Rectifier):
     """SEG (Hong, 2024): blur the image-token queries on their 2D grid, then plain attention.
 
     Each channel of the queries (heads x head_dim) is blurred by a Gaussian of std `sigma` on the
-    (H, W) token grid (`erg.blur`: kernel ceil(6 sigma) + 1 made odd, reflect padding). sigma >=
+    (H, W) token grid (`erg.blur`: SEG's kernel ceil(6 sigma) + 1 - ceil(6 sigma) % 2, reflect padding). sigma >=
     `INFINITE` (1e4, as SEG's reference) replaces the image queries by their mean over the grid: every
     image token then attends with the same (maximally smoothed) attention weights.
     """
@@ -245,10 +268,16 @@ class AttentionSink(Protocol):
 
 
 class AttentionMaps:
-    """The standard sink: head-averaged attention probabilities per layer.
+    """The sink SAG reads: per layer, the image-to-image attention, averaged over heads.
 
-    maps[layer]: (rows, image queries, keys); sites[layer]: the layer's Site (its image segment
-    tells which keys are image tokens). A layer recorded twice keeps the latest call.
+    maps[layer]: (rows, image queries, image keys). In joint text-image attention (MMDiT, SD3) part of
+    every image query's attention goes to the text keys, and that share grows with the text length. SAG
+    defines its mask on image self-attention, where each query's row sums to 1 (Hong et al., 2023: "sum
+    over queries > 1" means a key attended above average). So each head's image-query -> image-key
+    block is renormalised over the image keys (the softmax restricted to them) before the head average:
+    the map, and SAG's mask, then mean the same thing whatever the number of text tokens. Layers
+    without text keys (DiT) are recorded as computed (nothing to renormalise). sites[layer]: the
+    layer's Site. A layer recorded twice keeps the latest call.
     """
 
     def __init__(self) -> None:
@@ -256,14 +285,19 @@ class AttentionMaps:
         self.sites: dict[int, Site] = {}
 
     def record(self, site: Site, probs: Tensor) -> None:
+        keys = probs.shape[-1]
+        image = range(*site.image.indices(keys))
+        if len(image) != keys:  # text keys present: restrict each (head, query) row to the image keys
+            probs = probs[..., site.image]
+            probs = probs / probs.sum(dim=-1, keepdim=True)
         self.maps[site.layer] = probs.mean(dim=1)
         self.sites[site.layer] = site
 
     def image_to_image(self, layer: int) -> Tensor:
-        """(rows, image queries, image keys) of a recorded layer."""
+        """(rows, image queries, image keys) of a recorded layer; every row sums to 1."""
         if layer not in self.maps:
             raise KeyError(f"no attention map recorded for layer {layer} (recorded: {sorted(self.maps)})")
-        return self.maps[layer][:, :, self.sites[layer].image]
+        return self.maps[layer]
 
 
 @dataclass(frozen=True, eq=False)

@@ -3,10 +3,13 @@
 Used on attention queries laid out on the image-token grid (SEG) and on predicted images (SAG).
 Written here (a few lines) rather than taken from torchvision because SEG's definition fixes the
 kernel size and the clipping to the grid, which `torchvision.transforms.functional.gaussian_blur`
-does not expose the same way:
+does not expose the same way. As SEG's reference code (SusungHong/SEG-SDXL, `pipeline_seg.py`,
+copied by diffusers' SEG):
 
-    kernel size k = ceil(6 sigma) + 1, made odd; clipped to the grid size (odd) so that reflect
-    padding stays valid on small grids (as SEG's reference code does);
+    kernel size k = ceil(6 sigma) + 1 - ceil(6 sigma) % 2   (always odd: ceil(6 sigma) + 1 when
+        ceil(6 sigma) is even, ceil(6 sigma) itself when it is odd; sigma 0.5 -> 3, 1 -> 7, 1.5 -> 9);
+    clipped to the grid side (the largest odd size whose reflect padding fits: SEG's
+        `min(kernel_size, height - (height % 2 - 1))`);
     weights = exp(-x^2 / (2 sigma^2)) sampled at integer offsets, normalised to sum 1;
     separable: the same 1D kernel along rows and columns.
 """
@@ -23,11 +26,11 @@ __all__ = ["gaussian_blur_2d", "gaussian_kernel_1d", "gaussian_kernel_size"]
 
 
 def gaussian_kernel_size(sigma: float) -> int:
-    """SEG's kernel size for a Gaussian of std `sigma`: ceil(6 sigma) + 1, made odd."""
+    """SEG's kernel size for a Gaussian of std `sigma`: ceil(6 sigma) + 1 - ceil(6 sigma) % 2 (odd)."""
     if not sigma > 0:
         raise ValueError(f"blur sigma must be > 0, got {sigma}")
-    k = math.ceil(6 * sigma) + 1
-    return k if k % 2 else k + 1
+    c = math.ceil(6 * sigma)
+    return c + 1 - c % 2
 
 
 def _clip_to_grid(kernel_size: int, size: int) -> int:

@@ -6,10 +6,16 @@ A `Conditioning` turns a batch of conditions into the keyword tensors a model's 
 sampler encodes each kind once per run and concatenates the rows of the branches that share a
 forward. `noisable` names the tensors CADS may noise.
 
+One rule for every kind of model (eq. (10), section 3.3): "c_erg" is the user's condition encoded
+with C-ERG's text temperature, phi_c^tau. Where there is no temperature (no `guidance.text`) or no
+text encoder to put it in (class labels), it is the user's condition itself; so ERG with tau_i = 1 is
+the conditional prediction on every model. Conditioning ERG's negative on the null class instead is
+the other reading of the paper (section 3.1: "the negative/unconditional prediction part of CFG"):
+`configs/guidance/erg_null.yaml`, condition "null".
+
 - `ClassLabels`: class-conditional models with a label embedding (DiT, SiT). Inputs are the label
-  embeddings (`class_embedding`), so CADS can noise them. These models have no text encoder: ERG's
-  weak condition ("c_erg") is the null class and C-ERG's temperature has nothing to act on (a no-op,
-  warned about once).
+  embeddings (`class_embedding`), so CADS can noise them. These models have no text encoder: "c_erg"
+  is the class itself and C-ERG's temperature has nothing to act on (a no-op, warned about once).
 - `Unconditional`: no condition at all (every kind is the same, empty input).
 - `Prompts`: text-conditioned models. `encode(prompts)` is the model's text encoding (its text
   encoders, issue 6); "c_erg" runs it inside C-ERG's `AttentionTemperature` on the named encoders.
@@ -69,14 +75,14 @@ class ClassLabels(Conditioning):
         num_classes = self.model.num_classes
         if labels.ndim != 1 or (labels.numel() and not (int(labels.min()) >= 0 and int(labels.max()) < num_classes)):
             raise ValueError(f"class labels must be a 1D list of ids in [0, {num_classes}), got {conditions!r}")
-        if condition.kind in (NULL, RECTIFIED):
-            if condition.text is not None and not self._warned:
-                warnings.warn(
-                    "C-ERG (guidance.text) has no text encoder to act on in a class-conditional model: "
-                    "its weak condition is the null class",
-                    stacklevel=2,
-                )
-                self._warned = True
+        if condition.kind == RECTIFIED and condition.text is not None and not self._warned:
+            warnings.warn(
+                "C-ERG (guidance.text) has no text encoder to act on in a class-conditional model: ERG's negative "
+                "is conditioned on the class itself (guidance=erg_null conditions it on the null class)",
+                stacklevel=2,
+            )
+            self._warned = True
+        if condition.kind == NULL:
             labels = torch.full_like(labels, self.model.null_class)
         return {"class_embedding": self.model.y_embedder(labels)}
 
@@ -131,7 +137,8 @@ class Prompts(Conditioning):
                         f"{sorted(self.encoders)}"
                     )
                 module, layout = self.encoders[name]
-                stack.enter_context(AttentionTemperature(module, condition.text.tau, layers, layout, name=name))
+                text = condition.text
+                stack.enter_context(AttentionTemperature(module, text.tau, layers, layout, name=name, scope=text.scope))
             return self._encode(prompts)
 
 

@@ -11,18 +11,32 @@ output *= tau). Scaling that q by tau scales the logits by tau. Where an archite
 after the projection (qk-norm), scaling the projection's output would be undone by the norm, so
 the hook goes on the norm's output instead; `ENCODER_LAYOUTS` says which module per architecture.
 
+Two scopes (`scope=`):
+- "query" (default, the paper's Listing 1): the hook on the query scales q k^T only. For BERT, Llama,
+  CLIP and Qwen3 that is the whole logit. T5's logit is q k^T + a learned relative position bias (no
+  1/sqrt(d)): Listing 1 leaves the bias unscaled.
+- "logits": tau times the whole logit, T5's relative position bias included. T5 computes the bias in
+  block 0 and passes it on to every later block, so for each block in the range a forward pre-hook
+  hands its attention tau x the bias (computing it with the module's own `compute_bias` in block 0), and
+  a forward hook passes the unscaled bias on: blocks outside the range see exactly the plain bias.
+  Needs transformers >= 5 (where T5 adds the padding mask outside the bias). On architectures without
+  an additive bias, "logits" is "query".
+
 Ranges are [l_min, l_max) as in the paper's Listing 1 (`range(l_min, l_max)`).
 """
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
-__all__ = ["ENCODER_LAYOUTS", "AttentionTemperature", "EncoderLayout", "encoder_layout"]
+__all__ = ["ENCODER_LAYOUTS", "SCOPES", "AttentionTemperature", "EncoderLayout", "encoder_layout"]
+
+SCOPES = ("query", "logits")
 
 
 @dataclass(frozen=True)
@@ -32,11 +46,14 @@ class EncoderLayout:
     blocks: dotted paths (first that exists wins) from the model to the list of transformer blocks.
     query: dotted path inside a block to the module whose output is the query that enters q k^T.
     note: what scaling that output does to the logits (shown in errors and `repr`).
+    bias: dotted path inside a block to the attention module that adds a learned bias to the logits,
+        passed in (and returned) as its `position_bias` (T5); None when the logits have none.
     """
 
     blocks: tuple[str, ...]
     query: str
     note: str
+    bias: str | None = None
 
 
 ENCODER_LAYOUTS: dict[str, EncoderLayout] = {
@@ -49,7 +66,8 @@ ENCODER_LAYOUTS: dict[str, EncoderLayout] = {
         ("encoder.block", "block"),
         "layer.0.SelfAttention.q",
         "T5 logits = q k^T + relative position bias, without 1/sqrt(d): scaling the query projection "
-        "scales the content term only, exactly as the paper's Listing 1 does",
+        "scales the content term only, exactly as the paper's Listing 1 does (scope='logits' scales the bias too)",
+        bias="layer.0.SelfAttention",
     ),
     "llama": EncoderLayout(
         ("model.layers", "layers"),
@@ -114,9 +132,12 @@ class AttentionTemperature:
         layers: tuple[int, int] | Sequence[int],
         layout: EncoderLayout | None = None,
         name: str = "encoder",
+        scope: str = "query",
     ):
         if not tau > 0:
             raise ValueError(f"C-ERG temperature tau_c must be > 0, got {tau}")
+        if scope not in SCOPES:
+            raise ValueError(f"C-ERG scope of {name} must be one of {SCOPES}, got {scope!r}")
         if len(layers) != 2:
             raise ValueError(f"C-ERG layers of {name} must be [l_min, l_max], got {list(layers)}")
         l_min, l_max = int(layers[0]), int(layers[1])
@@ -128,28 +149,72 @@ class AttentionTemperature:
                 f"(need 0 <= l_min < l_max <= {len(blocks)})"
             )
         self.encoder, self.tau, self.layers, self.name = encoder, float(tau), (l_min, l_max), name
+        self.scope = scope
         self.targets = {
             f"{self.blocks_path}.{i}.{self.layout.query}": _get(blocks[i], self.layout.query)
             for i in range(l_min, l_max)
         }
+        # scope="logits" on a layout with an additive bias (T5): the attention modules whose bias is scaled
+        self.bias_targets: dict[str, nn.Module] = {}
+        if scope == "logits" and self.layout.bias is not None:
+            self.bias_targets = {
+                f"{self.blocks_path}.{i}.{self.layout.bias}": _get(blocks[i], self.layout.bias)
+                for i in range(l_min, l_max)
+            }
+            for path, module in self.bias_targets.items():
+                compute = getattr(module, "compute_bias", None)
+                if compute is None or "past_seen_tokens" not in inspect.signature(compute).parameters:
+                    raise ValueError(
+                        f"C-ERG scope='logits' on {name} scales T5's relative position bias per block, which needs "
+                        f"transformers >= 5 ({path} has no compute_bias(..., past_seen_tokens)); upgrade "
+                        "transformers or use scope='query' (the paper's Listing 1)"
+                    )
         self.hooks: dict[str, Any] = {}
+        self._unscaled: dict[int, Tensor] = {}
 
     def _scale(self, module: nn.Module, inputs: Any, output: Tensor) -> Tensor:
         return output * self.tau
+
+    def _scale_bias(self, module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+        """Before a T5 attention: hand it tau x its position bias (computed here in block 0, as it would)."""
+        bias = kwargs.get("position_bias")
+        if bias is None:
+            if kwargs.get("key_value_states") is not None or kwargs.get("cache") is not None:
+                raise RuntimeError(f"{self!r}: scope='logits' applies to encoder self-attention only")
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if not module.has_relative_attention_bias:  # no bias to scale: the module adds zeros
+                return args, kwargs
+            n = hidden.shape[1]
+            bias = module.compute_bias(n, n, device=hidden.device, past_seen_tokens=0)
+        self._unscaled[id(module)] = bias
+        return args, {**kwargs, "position_bias": bias * self.tau}
+
+    def _restore_bias(self, module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+        """After it: pass the unscaled bias on to the next blocks (output = (hidden, position_bias, ...))."""
+        bias = self._unscaled.pop(id(module), None)
+        if bias is None:
+            return output
+        return (output[0], bias, *output[2:])
 
     def __enter__(self) -> AttentionTemperature:
         if self.hooks:
             raise RuntimeError(f"{self!r} is already active")
         for path, module in self.targets.items():
             self.hooks[path] = module.register_forward_hook(self._scale)
+        for path, module in self.bias_targets.items():
+            self.hooks[f"{path}:position_bias"] = module.register_forward_pre_hook(self._scale_bias, with_kwargs=True)
+            self.hooks[f"{path}:restore_bias"] = module.register_forward_hook(self._restore_bias, with_kwargs=True)
         return self
 
     def __exit__(self, *exc: Any) -> None:
         for handle in self.hooks.values():
             handle.remove()
         self.hooks.clear()
+        self._unscaled.clear()
 
     def __repr__(self) -> str:
         state = f"active on {list(self.hooks)}" if self.hooks else "inactive"
         l_min, l_max = self.layers
-        return f"AttentionTemperature({self.name}, tau={self.tau}, layers=[{l_min}, {l_max}), {state})"
+        return (
+            f"AttentionTemperature({self.name}, tau={self.tau}, layers=[{l_min}, {l_max}), scope={self.scope}, {state})"
+        )

@@ -35,6 +35,7 @@ from models.runtime import (
 log = logging.getLogger("erg.eval")
 
 IMAGE_METRICS = ("fid", "precision", "recall", "density", "coverage")
+PRDC_DTYPES = {"float32": torch.float32, "float64": torch.float64}
 PRDC_METRICS = ("precision", "recall", "density", "coverage")
 TEXT_METRICS = ("clip_score", "vqa_score")
 TOP_LEVEL_KEYS = {
@@ -42,7 +43,9 @@ TOP_LEVEL_KEYS = {
     "batch_size", "num_workers", "device", "cache_dir", "out", "logger", "name", "run_dir", "seed", "progress",
     "hydra",
 }  # fmt: skip
-NESTED_KEYS = {"reference": ("path", "split"), "protocol": ("mode", "size"), "prdc": ("k", "chunk_size")}
+NESTED_KEYS = {
+    "reference": ("path", "split"), "protocol": ("mode", "size"), "prdc": ("k", "chunk_size", "dtype", "exact"),
+}  # fmt: skip
 
 __all__ = ["IMAGE_METRICS", "TEXT_METRICS", "MetricsWriteError", "output_path", "run", "settings_digest", "validate"]
 
@@ -92,6 +95,12 @@ def validate(cfg: DictConfig) -> list[str]:
         raise ConfigError(f"reference.split must be val, train or all, got {cfg.reference.split!r}")
     if cfg.fid_method not in ("sqrtm", "eigh"):
         raise ConfigError(f"fid_method must be sqrtm or eigh, got {cfg.fid_method!r}")
+    if cfg.prdc.get("dtype", "float32") not in PRDC_DTYPES:
+        raise ConfigError(
+            f"prdc.dtype must be one of {sorted(PRDC_DTYPES)} (the distance GEMMs), got {cfg.prdc.dtype!r}"
+        )
+    if not isinstance(cfg.prdc.get("exact", True), bool):
+        raise ConfigError(f"prdc.exact must be true or false, got {cfg.prdc.exact!r}")
     try:
         Protocol(cfg.protocol.mode, cfg.protocol.size)
     except ValueError as err:
@@ -101,7 +110,7 @@ def validate(cfg: DictConfig) -> list[str]:
 
 # What decides the numbers of an evaluation (the rest: batch sizes, workers, device, cache, logging, where
 # the record goes, does not). Text scorers count only where their metric is requested.
-SETTINGS_KEYS = ("reference", "data", "features", "protocol", "metrics", "fid_method", "prdc.k")
+SETTINGS_KEYS = ("reference", "data", "features", "protocol", "metrics", "fid_method", "prdc.k", "prdc.exact")
 RUNTIME_KEYS = ("batch_size", "device", "cache_dir")
 
 
@@ -121,6 +130,8 @@ def settings_digest(cfg: DictConfig) -> str:
         return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
 
     settings = {key: resolved(OmegaConf.select(cfg, key)) for key in SETTINGS_KEYS}
+    if settings["prdc.exact"] is False:  # exact PRDC is the same in any dtype; the plain comparison is not
+        settings["prdc.dtype"] = OmegaConf.select(cfg, "prdc.dtype")
     for name in TEXT_METRICS:
         if name in cfg.metrics:
             settings[name] = {k: v for k, v in resolved(cfg[name]).items() if k not in RUNTIME_KEYS}
@@ -272,10 +283,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             values["fid"] = frechet_distance(ref.mu, ref.sigma, stats.mu, stats.sigma, method=cfg.fid_method)
         if need_prdc:
             k, chunk = cfg.prdc.k, cfg.prdc.chunk_size
-            real_radii = reference.radii(k, chunk, device)
-            prdc = compute_prdc(reference.features, fake, k=k, chunk_size=chunk, real_radii=real_radii, device=device)
+            exact, dtype = bool(cfg.prdc.get("exact", True)), PRDC_DTYPES[cfg.prdc.get("dtype", "float32")]
+            real_radii = reference.radii(k, chunk, device, exact=exact, dtype=dtype)
+            prdc = compute_prdc(reference.features, fake, k=k, chunk_size=chunk, real_radii=real_radii, device=device,
+                                dtype=dtype, exact=exact)  # fmt: skip
             values.update({m: v for m, v in prdc.as_dict().items() if m in image_metrics})
-            extra["prdc_k"] = k
+            extra.update(prdc_k=k, prdc_exact=exact, prdc_dtype=str(dtype).removeprefix("torch."))
         # k changes precision / recall / density / coverage: part of their protocol (never mixed in a table)
         protocols.update({m: f"{key}__k{cfg.prdc.k}" if m in PRDC_METRICS else key for m in values})
         extra.update(

@@ -5,7 +5,8 @@ preprocessing protocol), e.g.
 
     <cache_dir>/data-digits-val-1a2b3c4d5e__digitscnn64-0f1e2d3c-grey16__asis.npz
         mu, sigma (float64), n, features (float32, N x D), source, feature_space
-    <same stem>.radii-k3.npz     the real k-NN radii for PRDC (they depend on the set and k only)
+    <same stem>.radii-k3-exact.npz   the real k-NN radii for PRDC (float64; they depend on the set, k and
+                                     the arithmetic: `-exact`, or `-float32` / `-float64` for prdc.exact=false)
 
 so numbers from different networks, weights or preprocessing can never be read back for one another.
 Files are written atomically; a cache hit is checked against the identity stored inside it.
@@ -51,28 +52,32 @@ class Reference:
     stats: GaussianStats
     features: Tensor | None  # (N, D) float32 on CPU, None for statistics-only references
     path: Path | None = None  # cache file, if any
-    _radii: dict[int, Tensor] = field(default_factory=dict)
+    _radii: dict[tuple[int, str], Tensor] = field(default_factory=dict)
 
-    def radii(self, k: int, chunk_size: int, device: torch.device) -> Tensor:
-        """Real k-NN radii, from `<stem>.radii-k{k}.npz` or computed (and cached) now."""
-        if k in self._radii:
-            return self._radii[k]
+    def radii(self, k: int, chunk_size: int, device: torch.device, exact: bool = True,
+              dtype: torch.dtype = torch.float32) -> Tensor:  # fmt: skip
+        """Real k-NN radii, from `<stem>.radii-k{k}-{exact|float32|float64}.npz` or computed (and cached)
+        now: exact float64 radii by default (eval/prdc.py), else the GEMM's in `dtype`."""
+        tag = "exact" if exact else str(dtype).removeprefix("torch.")
+        if (k, tag) in self._radii:
+            return self._radii[(k, tag)]
         if self.features is None:
             raise ValueError(
                 f"the reference {self.identity} holds statistics only (no features): precision/recall/density/"
                 "coverage need the reference's features. Use a reference folder, dataset or .npz, or drop them "
                 "with metrics=[fid]"
             )
-        radii_file = self.path.with_name(self.path.stem + f".radii-k{k}.npz") if self.path else None
+        radii_file = self.path.with_name(self.path.stem + f".radii-k{k}-{tag}.npz") if self.path else None
         if radii_file is not None and radii_file.is_file():
             with np.load(radii_file) as data:
-                self._radii[k] = torch.from_numpy(data["radii"])
+                self._radii[(k, tag)] = torch.from_numpy(data["radii"])
         else:
-            radii = kth_neighbour_distances(self.features.to(device), k, chunk_size).cpu()
+            features = self.features.to(device, dtype)
+            radii = kth_neighbour_distances(features, k, chunk_size, exact=exact).cpu()
             if radii_file is not None:
                 atomic_save_npz(radii_file, radii=radii.numpy())
-            self._radii[k] = radii
-        return self._radii[k]
+            self._radii[(k, tag)] = radii
+        return self._radii[(k, tag)]
 
 
 def extract_features(

@@ -62,6 +62,7 @@ METHOD_LABELS = {
     "c_erg": "C-ERG",
     "i_erg": "I-ERG",
     "erg": "ERG",
+    "erg_null": "ERG, null-class negative",  # ERG on CFG's unconditional branch (configs/guidance/erg_null.yaml)
     "erg_alpha": "ERG, alpha != 1",  # Table 5's last column: + energy reweighting
     "erg_apg": "ERG + APG",
     "erg_cads": "ERG + CADS",

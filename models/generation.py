@@ -508,13 +508,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 # --- grid mode -------------------------------------------------------------------------------------
-def compose_guidance(entry: str) -> tuple[str, dict[str, Any]]:
-    """A grid entry "erg image.layers=[2,4] scale=2" -> (label, the resolved guidance config)."""
+def _model_choice() -> str | None:
+    """The `model=` config-group choice of the running sample.py (None outside a Hydra app, or without one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    choice = HydraConfig.get().runtime.choices.get("model")
+    return None if choice in (None, "null", "None") else str(choice)
+
+
+def compose_guidance(entry: str, model: str | None = None) -> tuple[str, dict[str, Any]]:
+    """A grid entry "erg image.layers=[2,4] scale=2" -> (label, the resolved guidance config).
+
+    model: the `model=` choice, so that the model's own guidance presets apply as they do in a plain
+    run (configs/presets/: SD3's erg / cfg settings, the public SiT-XL/2's 3 guided channels)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     name, *overrides = entry.split()
-    overrides = [f"guidance={name}", *(f"guidance.{o}" for o in overrides)]
+    overrides = [*([f"model={model}"] if model else []), f"guidance={name}", *(f"guidance.{o}" for o in overrides)]
     try:
         if GlobalHydra.instance().is_initialized():
             cfg = compose(config_name="sample", overrides=overrides)
@@ -533,7 +546,8 @@ def run_grid(container: dict[str, Any]) -> dict[str, Any]:
     from models.io import image_grid, label_font, save_image, text_width
 
     grid_cfg = container["grid"]
-    entries = [compose_guidance(entry) for entry in grid_cfg["methods"]]  # every entry checked before any work
+    model_choice = _model_choice()  # the model's own guidance presets apply to every row, as in a plain run
+    entries = [compose_guidance(entry, model_choice) for entry in grid_cfg["methods"]]  # all checked before any work
     device = pick_device(container)
     model, info = load_model(container)
     model = model.to(device)

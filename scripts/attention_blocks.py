@@ -7,7 +7,9 @@ shows t = 0.3 and finds the same pattern at every step) re-evaluates the conditi
 every block's attention captured. For each block: the share of (head, image query) pairs whose
 largest attention probability (over keys) is above `--threshold`. Blocks with a low share mix many
 tokens (the paper's middle regime): that is where I-ERG should act. The script suggests the longest
-run of consecutive middle blocks whose share is below the mean over blocks, as [l_min, l_max).
+run of consecutive middle blocks whose share is below the mean over blocks, as [l_min, l_max). When
+there is no regime to read (every block within 1 percentage point of the others, or no middle block
+below the mean) it says so and suggests nothing.
 Small models with few tokens rarely reach 0.95: lower `--threshold` (e.g. 0.5) to see their regimes.
 
 Writes <out>/attention_blocks.csv (t, layer, share) and attention_blocks.png.
@@ -49,21 +51,39 @@ class MaxProbabilityShare:
         return {layer: self.hits[layer] / self.total[layer] for layer in sorted(self.hits)}
 
 
-def suggest_layers(shares: list[float]) -> tuple[int, int]:
+REGIME_SPREAD = 0.01  # shares within 1 percentage point of each other: no regime to read
+
+
+def suggest_layers(shares: list[float]) -> tuple[int, int] | None:
     """The longest run of consecutive middle blocks (not the first or the last) whose share is below
-    the mean over blocks, as [l_min, l_max). Ties go to the earliest run."""
+    the mean over blocks, as [l_min, l_max); ties go to the earliest run. None when the criterion is not
+    met: the shares are all within `REGIME_SPREAD` of each other, or no middle block is below the mean."""
+    if max(shares) - min(shares) < REGIME_SPREAD:
+        return None
     mean = sum(shares) / len(shares)
     lo, hi = (1, len(shares) - 1) if len(shares) >= 3 else (0, len(shares))
-    best, start = (lo, lo + 1), None
+    best, start = None, None
     for i in range(lo, hi + 1):
         below = i < hi and shares[i] < mean
         if below and start is None:
             start = i
         elif not below and start is not None:
-            if i - start > best[1] - best[0]:
+            if best is None or i - start > best[1] - best[0]:
                 best = (start, i)
             start = None
     return best
+
+
+def report(shares: list[float], suggestion: tuple[int, int] | None, threshold: float) -> str:
+    """One line saying what the criterion gave: the suggested blocks, or why there are none."""
+    if suggestion is not None:
+        return f"suggested I-ERG blocks: guidance.image.layers=[{suggestion[0]},{suggestion[1]}]"
+    if max(shares) - min(shares) < REGIME_SPREAD:
+        return (
+            f"no blocks suggested: no clear regime at threshold {threshold}, every block within "
+            f"{REGIME_SPREAD:.0%} of the others; try a lower --threshold"
+        )
+    return "no blocks suggested: no middle block has a share below the mean over blocks"
 
 
 def analyse(model: torch.nn.Module, labels: list[int] | None, times: list[float], steps: int, threshold: float,
@@ -90,7 +110,8 @@ def analyse(model: torch.nn.Module, labels: list[int] | None, times: list[float]
     return results
 
 
-def plot(results: dict[float, dict[int, float]], path: Path, suggestion: tuple[int, int], threshold: float) -> None:
+def plot(results: dict[float, dict[int, float]], path: Path, suggestion: tuple[int, int] | None,
+         threshold: float) -> None:  # fmt: skip
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,7 +120,9 @@ def plot(results: dict[float, dict[int, float]], path: Path, suggestion: tuple[i
     fig, ax = plt.subplots(figsize=(7, 3.5))
     for t, shares in sorted(results.items()):
         ax.plot(list(shares), [100 * s for s in shares.values()], marker="o", label=f"t = {t:.2f}")
-    ax.axvspan(suggestion[0] - 0.5, suggestion[1] - 0.5, color="tab:green", alpha=0.15, label="suggested I-ERG blocks")
+    if suggestion is not None:
+        ax.axvspan(suggestion[0] - 0.5, suggestion[1] - 0.5, color="tab:green", alpha=0.15,
+                   label="suggested I-ERG blocks")  # fmt: skip
     ax.set_xlabel("block")
     ax.set_ylabel(f"tokens with max attention prob. > {threshold} (%)")
     ax.legend(fontsize=8)
@@ -142,9 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
                 writer.writerow([f"{t:.4f}", layer, f"{share:.6f}"])
     plot(results, png_path, suggestion, args.threshold)
     print(f"share per block (mean over t): {[round(s, 3) for s in mean_shares]}")
-    if max(mean_shares) - min(mean_shares) < 0.01:
-        print(f"no clear regime at threshold {args.threshold}: every block within 1%; try a lower --threshold")
-    print(f"suggested I-ERG blocks: guidance.image.layers=[{suggestion[0]},{suggestion[1]}]")
+    print(report(mean_shares, suggestion, args.threshold))
     print(f"wrote {csv_path} and {png_path}")
     return {"results": results, "mean_shares": mean_shares, "suggestion": suggestion, "csv": csv_path, "png": png_path}
 

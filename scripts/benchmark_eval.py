@@ -14,7 +14,8 @@ sources (--sources):
 Without --weights (and no file in torch hub's cache) it runs on random weights: the speed is the
 same, and the table says so.
 PRDC: random 2048-d float32 features, real = fake = --prdc-n points, k = 3, blocks of --chunk-size
-(eval/prdc.py). FID: the statistics (float64 mean and covariance, `eval.fid.RunningStats`, streamed
+(eval/prdc.py), exact (the default) and with plain float32 comparisons (prdc.exact=false).
+FID: the statistics (float64 mean and covariance, `eval.fid.RunningStats`, streamed
 in batches of --fid-batch) of the same two feature sets on the device, then the Fréchet distance on
 the host by scipy's sqrtm (fid_method=sqrtm, the default) and by eigendecompositions (fid_method=eigh).
 Targets (issue 5, one H100): features >= 4,000 img/s, PRDC 50k x 50k < 60 s.
@@ -162,17 +163,24 @@ def bench_prdc(cfg: EvalBench, real: torch.Tensor, fake: torch.Tensor, device: t
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
-    out = compute_prdc(real, fake, k=cfg.k, chunk_size=cfg.chunk_size)
+    out = compute_prdc(real, fake, k=cfg.k, chunk_size=cfg.chunk_size)  # exact (the default)
     sync(device)
     seconds = time.perf_counter() - start
+    peak = peak_memory_gib(device)
+    start = time.perf_counter()
+    plain = compute_prdc(real, fake, k=cfg.k, chunk_size=cfg.chunk_size, exact=False)  # float32 comparisons only
+    sync(device)
+    plain_seconds = time.perf_counter() - start
     return {
         "n": cfg.prdc_n,
         "dim": cfg.prdc_dim,
         "k": cfg.k,
         "chunk_size": cfg.chunk_size,
         "seconds": round(seconds, 2),
-        "peak_gib": peak_memory_gib(device),
+        "plain_seconds": round(plain_seconds, 2),
+        "peak_gib": peak,
         **{k: round(v, 4) for k, v in out.as_dict().items()},
+        "plain": {k: round(v, 4) for k, v in plain.as_dict().items()},
     }
 
 
@@ -263,9 +271,11 @@ def markdown(results: dict) -> str:
         r = results["prdc"]
         peak = f"{r['peak_gib']} GiB" if r["peak_gib"] is not None else "–"
         lines += [
-            f"| PRDC (k = {r['k']}) | seconds | peak memory |",
-            "|---|---|---|",
-            f"| {r['n']} x {r['n']}, {r['dim']}-d, chunk {r['chunk_size']} | {r['seconds']} | {peak} |",
+            f"| PRDC (k = {r['k']}) | exact (default), s | float32 comparisons only (prdc.exact=false), s "
+            "| peak memory |",
+            "|---|---|---|---|",
+            f"| {r['n']} x {r['n']}, {r['dim']}-d, chunk {r['chunk_size']} | {r['seconds']} | {r['plain_seconds']} | "
+            f"{peak} |",
             "",
         ]
     if "fid" in results:

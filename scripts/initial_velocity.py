@@ -9,8 +9,9 @@ conditions (classes):
     conditional variance  Var_{eps} [ v(eps, c, t=0) - v_neg(eps, c, t=0) ]       (eq. 14, averaged over c)
 
 per location (channel, pixel). Methods compared: CFG (neg = null condition), C-ERG (neg = the
-C-ERG-encoded condition; on models without a text encoder this is the null condition, so it equals
-CFG) and I-ERG (neg = the condition with rectified attention in blocks [l_min, l_max)).
+C-ERG-encoded condition; on models without a text encoder there is nothing to rectify and neg is the
+condition itself, so its conditional variance is 0) and I-ERG (neg = the condition with rectified
+attention in blocks [l_min, l_max)).
 
 Writes <out>/initial_velocity.csv (method, location, marginal, conditional) and a PNG with the two
 histograms.

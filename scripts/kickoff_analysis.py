@@ -10,7 +10,8 @@ in blocks [l_min, l_max), here at every step: kappa < 0) and records, per step, 
 
 averaged over samples. The paper reads the kickoff kappa where CFG's parallel difference has
 converged towards 0 (its orthogonal part then decreases almost linearly); the script suggests the
-first t after the peak at which CFG's parallel norm falls below `--fraction` (10%) of its peak.
+first t after the peak at which CFG's parallel norm falls below `--fraction` (10%) of its peak. When it
+never does along the run, it says so and suggests nothing (read the plot, or rerun with more steps).
 
 Writes <out>/kickoff.csv (method, step, t, parallel, orthogonal) and kickoff.png.
 """
@@ -55,16 +56,31 @@ def trace(model: torch.nn.Module, guidance_cfg: dict, labels: list[int] | None, 
     return rows
 
 
-def suggest_kappa(rows: list[tuple[int, float, float, float]], fraction: float) -> float:
+def suggest_kappa(rows: list[tuple[int, float, float, float]], fraction: float) -> float | None:
+    """The first t after CFG's parallel-norm peak at which it is below `fraction` of the peak; None when
+    it never gets there along the run (the criterion is not met: no kickoff to suggest)."""
     parallel = [r[2] for r in rows]
     peak = max(range(len(parallel)), key=parallel.__getitem__)
     for _, t, par, _ in rows[peak:]:
         if par < fraction * parallel[peak]:
             return t
-    return rows[-1][1]
+    return None
 
 
-def plot(curves: dict[str, list[tuple[int, float, float, float]]], path: Path, kappa: float) -> None:
+def report(rows: list[tuple[int, float, float, float]], fraction: float, kappa: float | None) -> str:
+    """One line saying what the criterion gave: the suggested kappa, or that it was not met."""
+    parallel = [r[2] for r in rows]
+    peak = max(range(len(parallel)), key=parallel.__getitem__)
+    if kappa is not None:
+        return f"suggested kickoff: guidance.image.kappa={kappa:.2f} (CFG's parallel part < {fraction:.0%} of peak)"
+    return (
+        f"no kickoff suggested: CFG's parallel part peaked at {parallel[peak]:.4g} (t = {rows[peak][1]:.2f}) and "
+        f"ended at {parallel[-1]:.4g} (t = {rows[-1][1]:.2f}), never below {fraction:.0%} of its peak; read the "
+        "plot, or rerun with more --steps or another --fraction"
+    )
+
+
+def plot(curves: dict[str, list[tuple[int, float, float, float]]], path: Path, kappa: float | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -77,7 +93,8 @@ def plot(curves: dict[str, list[tuple[int, float, float, float]]], path: Path, k
         axes[0].plot(t, [r[2] for r in rows], style, label=name)
         axes[1].plot(t, [r[3] for r in rows], style, label=name)
     for ax, title in zip(axes, ("parallel to pos", "orthogonal to pos")):
-        ax.axvline(kappa, color="grey", lw=0.8, ls=":")
+        if kappa is not None:
+            ax.axvline(kappa, color="grey", lw=0.8, ls=":")
         ax.set_title(f"||pos - neg|| {title}")
         ax.set_xlabel("t (0 noise, 1 data)")
         ax.legend(fontsize=8)
@@ -123,7 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
             for step, t, par, orth in rows:
                 writer.writerow([name, step, f"{t:.4f}", f"{par:.6g}", f"{orth:.6g}"])
     plot(curves, png_path, kappa)
-    print(f"suggested kickoff: guidance.image.kappa={kappa:.2f} (CFG's parallel part < {args.fraction:.0%} of peak)")
+    print(report(curves["cfg"], args.fraction, kappa))
     print(f"wrote {csv_path} and {png_path}")
     return {"curves": curves, "kappa": kappa, "csv": csv_path, "png": png_path}
 

@@ -24,6 +24,19 @@ def algorithm_1(q, k, v, tau, alpha, gamma, steps):
     return Q
 
 
+def listing_2(q, k, v, image, tau, alpha, gamma, steps):
+    """The paper's Listing 2 (appendix C), transcribed: `energy_based_attention` multiplies the image
+    queries by tau_i, then `multistep_attention(q, k, v, step_size=gamma, steps=K, gamma=alpha)` runs on the
+    concatenated queries: q_new <- q_new - step_size (q_new - gamma_listing * sdpa(q_new, k, v))."""
+    q = q.clone()
+    q[:, :, image] = q[:, :, image] * tau
+    q_new = q.clone()
+    for _ in range(steps):
+        att = manual_attention(q_new, k, v)
+        q_new = q_new - gamma * (q_new - alpha * att)
+    return q_new
+
+
 @pytest.fixture
 def qkv():
     g = torch.Generator().manual_seed(0)
@@ -56,6 +69,35 @@ def test_energy_steps_match_algorithm_1(qkv, alpha, gamma, steps):
     assert rect.query_scale() is None  # not a pure logit scale: the general path runs
     out = attention(q, k, v, Site(layer=2), AttentionPlan.single(rect, layers=[2]))
     torch.testing.assert_close(out, algorithm_1(q, k, v, 0.3, alpha, gamma, steps))
+
+
+@pytest.mark.parametrize(("alpha", "gamma", "steps"), [(1.0, 1.5, 1), (0.7, 0.5, 1), (1.0, 0.1, 10), (1.3, 1.0, 3)])
+def test_listing_2_update_matches_the_papers_listing(qkv, alpha, gamma, steps):
+    q, k, v = qkv
+    rect = Temperature(tau=0.3, alpha=alpha, gamma=gamma, steps=steps, update="listing2")
+    out = attention(q, k, v, Site(layer=2), AttentionPlan.single(rect, layers=[2]))
+    torch.testing.assert_close(out, listing_2(q, k, v, slice(None), 0.3, alpha, gamma, steps))
+    # joint attention [image ; text]: Listing 2 scales the image queries only, and steps every query
+    site = Site(layer=0, image=slice(0, 6), text=slice(6, 9), grid=(2, 3))
+    out = attention(q, k, v, site, AttentionPlan.single(rect, layers=[0]))
+    torch.testing.assert_close(out, listing_2(q, k, v, slice(0, 6), 0.3, alpha, gamma, steps))
+
+
+def test_algorithm_1_and_listing_2_differ_by_the_scaled_residual_when_gamma_is_not_1(qkv):
+    """Table 7's text-to-image setting (tau 0.01, gamma 1.5, K 1): Algorithm 1 keeps the residual Q, Listing 2
+    the residual tau Q, the attended term is the same, so the difference is (1 - gamma)(1 - tau) Q exactly."""
+    q, k, v = qkv
+    site = Site(layer=0)
+    alg1 = Temperature(0.01, gamma=1.5)(q, k, v, site)
+    lst2 = Temperature(0.01, gamma=1.5, update="listing2")(q, k, v, site)
+    torch.testing.assert_close(alg1 - lst2, (1 - 1.5) * (1 - 0.01) * q)
+    assert (alg1 - lst2).abs().max() > 0.5
+    # gamma = alpha = K = 1: both are the same logit temperature (and the same fused call)
+    same = [Temperature(0.01, update=u) for u in ("algorithm1", "listing2")]
+    assert same[0].query_scale() == same[1].query_scale() == 0.01
+    torch.testing.assert_close(same[0](q, k, v, site), same[1](q, k, v, site))
+    with pytest.raises(ValueError, match="update must be one of"):
+        Temperature(0.01, update="listing3")
 
 
 def test_one_step_gamma_one_alpha_one_is_the_logit_scale(qkv):

@@ -24,9 +24,9 @@ def test_benchmark_eval_smoke_cpu(tmp_path):
     fid = results["fid"]
     assert fid["sqrtm_value"] == pytest.approx(fid["eigh_value"], rel=1e-9)
     table = (tmp_path / "eval.md").read_text()
-    assert (
-        "| PRDC (k = 3) | seconds | peak memory |" in table and "end to end from uint8 images in host memory" in table
-    )
+    assert "| PRDC (k = 3) | exact (default), s | float32 comparisons only" in table
+    assert "end to end from uint8 images in host memory" in table
+    assert results["prdc"]["plain"]["precision"] == results["prdc"]["precision"]
     assert json.loads((tmp_path / "eval.json").read_text())["prdc"]["chunk_size"] == 20
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from eval.fid import GaussianStats, RunningStats, frechet_distance
-from eval.prdc import compute_prdc, kth_neighbour_distances
+from eval.prdc import _exact_kth, _sq_distances, compute_prdc, error_bound, kth_neighbour_distances
 
 
 # --- FID -------------------------------------------------------------------------------------------
@@ -168,6 +168,65 @@ def test_radii_exclude_the_point_itself_but_count_duplicates():
     assert kth_neighbour_distances(x, 1, chunk_size=2).tolist() == [0.0, 0.0, 2.0, 2.0]
 
 
+# --- exact PRDC: float32 GEMMs, decisions of float64 arithmetic ----------------------------------------
+def near_the_radii(n_real=240, n_fake=240, dim=64, offset=30.0, k=3, seed=0):
+    """Fakes on the spheres of the real balls (|f - real_i| = r_i (1 + ~3e-7)), all moved far from the origin:
+    the float32 GEMM (error ~ 1e-7 of the squared norms) cannot tell inside from outside for most of them."""
+    g = torch.Generator().manual_seed(seed)
+    real = torch.randn(n_real, dim, generator=g, dtype=torch.float64)
+    radii = kth_neighbour_distances(real, k)
+    owner = torch.randint(0, n_real, (n_fake,), generator=g)
+    direction = torch.randn(n_fake, dim, generator=g, dtype=torch.float64)
+    direction = direction / direction.norm(dim=1, keepdim=True)
+    fake = real[owner] + direction * radii[owner, None] * (1 + 3e-7 * torch.randn(n_fake, 1, generator=g))
+    return (real + offset).float(), (fake + offset).float()
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_exact_prdc_is_float64_arithmetic_where_float32_is_not(k):
+    real, fake = near_the_radii(k=k)
+    reference = prdc_reference(real.double().numpy(), fake.double().numpy(), k)  # float64, full matrices
+    exact = compute_prdc(real, fake, k=k).as_dict()
+    assert exact == {m: float(v) for m, v in reference.items()}  # every count, not approximately
+    assert compute_prdc(real, fake, k=k, dtype=torch.float64).as_dict() == exact
+    for chunk in (7, 64):
+        assert compute_prdc(real, fake, k=k, chunk_size=chunk).as_dict() == exact
+    plain = compute_prdc(real, fake, k=k, exact=False).as_dict()  # what the GEMM alone gives
+    assert plain != exact
+
+
+def test_exact_radii_are_the_float64_ones():
+    real, _ = near_the_radii()
+    d = np.linalg.norm(real.double().numpy()[:, None] - real.double().numpy()[None], axis=-1)
+    expected = np.sort(d, axis=1)[:, 3]  # column 0 is the point itself
+    radii = kth_neighbour_distances(real, 3)
+    assert radii.dtype == torch.float64
+    np.testing.assert_allclose(radii.numpy(), expected, rtol=1e-14)
+    assert kth_neighbour_distances(real, 3, exact=False).dtype == torch.float32
+
+
+def test_exact_radii_recompute_rows_whose_candidates_prove_nothing():
+    # a regular simplex: every distance is sqrt(2) (up to float32), so no set of candidates can be shown
+    # to hold the 3 nearest and every row is recomputed in float64
+    x = torch.eye(20) * 1.0 + 5.0
+    radii, fallback = _exact_kth(x, 3, chunk_size=8, extra=2)
+    assert fallback == 20
+    torch.testing.assert_close(radii, torch.full((20,), 2**0.5, dtype=torch.float64), rtol=1e-15, atol=0)
+    dup = torch.tensor([[0.0], [0.0], [5.0], [7.0], [7.0]])  # duplicates at distance 0 count as neighbours
+    assert _exact_kth(dup, 1, chunk_size=2)[0].tolist() == [0.0, 0.0, 2.0, 0.0, 0.0]
+
+
+def test_the_gemm_error_bound_holds():
+    g = torch.Generator().manual_seed(8)
+    a = torch.randn(300, 512, generator=g) * 3 + 40.0
+    b = torch.randn(200, 512, generator=g) * 3 + 40.0
+    gemm = _sq_distances(a, b).double()
+    exact = (a.double()[:, None] - b.double()[None]).square().sum(-1)
+    scale = a.double().square().sum(1)[:, None] + b.double().square().sum(1)[None]
+    worst = ((gemm - exact).abs() / scale).max().item()
+    assert 0 < worst <= error_bound(torch.float32, 512)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_prdc_on_gpu_equals_cpu_in_float64():
@@ -176,3 +235,12 @@ def test_prdc_on_gpu_equals_cpu_in_float64():
     cpu = compute_prdc(real, fake, k=3, chunk_size=1024, dtype=torch.float64)
     gpu = compute_prdc(real, fake, k=3, chunk_size=1024, dtype=torch.float64, device="cuda")
     assert gpu.as_dict() == pytest.approx(cpu.as_dict(), abs=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_exact_prdc_on_gpu_equals_float64_on_cpu():
+    real, fake = near_the_radii(n_real=2000, n_fake=1500, dim=256)
+    cpu = compute_prdc(real, fake, k=3, chunk_size=512, dtype=torch.float64, exact=False)
+    gpu = compute_prdc(real, fake, k=3, chunk_size=512, device="cuda")
+    assert gpu.as_dict() == cpu.as_dict()

@@ -277,8 +277,10 @@ def test_every_sweep_setting_composes_and_its_points_pass_their_checks(setting, 
             validate(compose("sweep", [f"sweeps={setting}"]))
     cfg = compose("sweep", [f"sweeps={setting}", f"sweep_dir={tmp_path}", *extra])
     points = validate(cfg)
-    assert {p.method for p in points} >= {"none", "cfg", "apg", "cads", "pag", "sag", "seg", "autoguidance", "i_erg",
-                                          "erg", "erg_apg", "erg_cads"}  # fmt: skip
+    assert {p.method for p in points} >= {"none", "cfg", "apg", "cads", "pag", "sag", "seg", "autoguidance",
+                                          "erg", "erg_null", "erg_apg", "erg_cads"}  # fmt: skip
+    # both readings of ERG on a class model (erg_null: CFG's null-class negative); i_erg would repeat erg
+    assert "i_erg" not in {p.method for p in points}
     for point in points:
         container = check_point(point, *point_configs(cfg, point))
         assert container["guidance"]["name"] == point.method

@@ -90,7 +90,8 @@ def test_end_to_end_matches_a_direct_computation(tmp_path, digits_net, digits):
     # the cache is named by reference, extractor identity and protocol; the radii sit next to it
     (cached,) = [p for p in (tmp_path / "cache").glob("*.npz") if ".radii-" not in p.name]
     assert cached.name == f"{rec['reference']}__{space}.npz" and rec["reference"].startswith("data-digits-val-")
-    assert cached.with_name(cached.stem + ".radii-k3.npz").is_file()
+    assert cached.with_name(cached.stem + ".radii-k3-exact.npz").is_file()  # exact float64 radii (eval/prdc.py)
+    assert rec["prdc_exact"] is True and rec["prdc_dtype"] == "float32"
     # logged to the CSV logger next to metrics.json
     assert "eval/fid" in (samples / "logs" / "metrics.csv").read_text()
 
@@ -182,6 +183,30 @@ def test_config_errors_are_clear(tmp_path, digits_net):
         evaluate(tmp_path)
     with pytest.raises(ConfigError, match="unknown config key.*features.weigths"):
         evaluate(tmp_path, f"samples={tmp_path}", "data=digits", "features=digits", "+features.weigths=x")
+    with pytest.raises(ConfigError, match=r"prdc.dtype must be one of \['float32', 'float64'\].*got 'float16'"):
+        evaluate(tmp_path, f"samples={tmp_path}", "data=digits", "features=digits", "prdc.dtype=float16")
+    with pytest.raises(ConfigError, match="prdc.exact must be true or false"):
+        evaluate(tmp_path, f"samples={tmp_path}", "data=digits", "features=digits", "prdc.exact=maybe")
+
+
+def test_prdc_dtype_and_exactness_reach_the_computation_and_the_digest(tmp_path, digits_net, digits):
+    from eval.evaluate import settings_digest
+
+    train, labels, val = digits
+    samples = make_store(tmp_path / "run", train[:40], labels)
+    common = [f"samples={samples}", "data=digits", "features=digits", f"features.weights={digits_net}"]
+    exact64 = evaluate(tmp_path, *common, "prdc.dtype=float64")
+    exact32 = evaluate(tmp_path, *common)
+    assert exact64["prdc_dtype"] == "float64" and exact64["metrics"] == exact32["metrics"]  # exact: same numbers
+    ext = DigitsFeatures(digits_net)
+    f_real = ext(torch.from_numpy(val).permute(0, 3, 1, 2))
+    f_fake = ext(torch.from_numpy(train[:40]).permute(0, 3, 1, 2))
+    plain = evaluate(tmp_path, *common, "prdc.exact=false")
+    expected = compute_prdc(f_real, f_fake, k=3, exact=False).as_dict()
+    assert {m: plain["metrics"][m] for m in expected} == pytest.approx(expected, abs=1e-12)
+    digest = lambda *o: settings_digest(compose("evaluate", [*common, *o]))
+    assert digest() == digest("prdc.dtype=float64")  # exact PRDC does not depend on the GEMMs' dtype
+    assert digest() != digest("prdc.exact=false") != digest("prdc.exact=false", "prdc.dtype=float64")
 
 
 def test_command_line(tmp_path, digits_net, digits):

@@ -196,6 +196,8 @@ def test_configs_fail_early_and_say_how_to_fix():
         build_guidance({"method": "autoguidance"})
     with pytest.raises(GuidanceConfigError, match="kappa must be in"):
         build_guidance({"method": "erg", "image": {"kappa": 30}})
+    with pytest.raises(GuidanceConfigError, match=r"guidance\.image\.update must be one of algorithm1, listing2"):
+        build_guidance({"method": "erg", "image": {"update": "listing"}})
     with pytest.raises(GuidanceConfigError, match=r"steps \(K\) must be an integer"):
         build_guidance({"method": "erg", "image": {"steps": 0}})
 
@@ -215,3 +217,11 @@ def test_erg_kickoff_window_is_t_greater_than_kappa():
     assert not p.window.contains(0.3) and p.window.contains(0.30000001) and not p.window.contains(0.0)
     always = build_guidance({"method": "erg", "image": {"kappa": -1}}).branch("neg").perturbation
     assert always.window.contains(0.0)
+
+
+def test_erg_image_update_reaches_the_rectifier():
+    """guidance.image.update picks Algorithm 1 (default) or the paper's Listing 2 (configs/guidance/erg*.yaml)."""
+    default = build_guidance({"method": "erg", "image": {"gamma": 1.5}}).branch("neg").perturbation.rectifier
+    listing = build_guidance({"method": "erg", "image": {"gamma": 1.5, "update": "listing2"}})
+    assert default == Temperature(0.01, gamma=1.5) and default.update == "algorithm1"
+    assert listing.branch("neg").perturbation.rectifier == Temperature(0.01, gamma=1.5, update="listing2")

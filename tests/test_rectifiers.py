@@ -42,9 +42,38 @@ def joint_qkv():
 
 
 # --- Gaussian blur -------------------------------------------------------------------------------
-@pytest.mark.parametrize(("sigma", "size"), [(1.0, 7), (0.5, 5), (1.2, 9), (2.0, 13), (0.1, 3)])
-def test_kernel_size_is_ceil_six_sigma_plus_one_made_odd(sigma, size):
+# SEG's reference (SusungHong/SEG-SDXL pipeline_seg.py, and diffusers' copy): ceil(6 sigma) + 1 - ceil(6 sigma) % 2.
+# It differs from "ceil(6 sigma) + 1 made odd" whenever ceil(6 sigma) is odd (0.1, 0.5, 0.8, 1.5, 2.5 below).
+@pytest.mark.parametrize(
+    ("sigma", "size"), [(1.0, 7), (0.5, 3), (1.2, 9), (2.0, 13), (0.1, 1), (0.8, 5), (1.5, 9), (2.5, 15), (3.0, 19)]
+)
+def test_kernel_size_is_segs(sigma, size):
     assert gaussian_kernel_size(sigma) == size
+    assert size == math.ceil(6 * sigma) + 1 - math.ceil(6 * sigma) % 2
+
+
+def seg_reference_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """SEG's blur as its reference code defines it: kernel size from sigma, clipped to the (square) grid side
+    with min(k, side - (side % 2 - 1)), a 2D kernel = outer product of the normalised 1D Gaussian sampled on
+    linspace(-(k-1)/2, (k-1)/2, k), reflect padding of k // 2 on every side, one grouped conv2d."""
+    c = math.ceil(6 * sigma)
+    k = c + 1 - c % 2
+    side = img.shape[-1]
+    k = min(k, side - (side % 2 - 1))
+    x = torch.linspace(-(k - 1) / 2, (k - 1) / 2, k, dtype=torch.float64)
+    w = torch.exp(-0.5 * (x / sigma) ** 2)
+    w = w / w.sum()
+    kernel = torch.outer(w, w).to(img.dtype).expand(img.shape[1], 1, k, k)
+    padded = torch.nn.functional.pad(img, [k // 2] * 4, mode="reflect")
+    return torch.nn.functional.conv2d(padded, kernel, groups=img.shape[1])
+
+
+@pytest.mark.parametrize("side", [4, 5, 8, 16])
+@pytest.mark.parametrize("sigma", [0.1, 0.5, 0.8, 1.0, 1.5, 2.5, 4.0])
+def test_blur_equals_segs_reference_blur(sigma, side):
+    """Our separable blur on a square token grid == SEG's 2D blur, including the clipping to small grids."""
+    x = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(side), dtype=torch.float64)
+    torch.testing.assert_close(gaussian_blur_2d(x, sigma), seg_reference_blur(x, sigma), rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("sigma", [0.7, 1.0, 1.6])
@@ -111,7 +140,7 @@ def test_seg_finite_sigma_blurs_queries_on_the_grid(qkv):
     sigma = 0.8
     out = attention(q, k, v, Site(layer=0, grid=(3, 4)), AttentionPlan.single(SmoothedEnergy(sigma), [0]))
     # reference: blur every (sample, head, channel) plane of the queries with scipy
-    radius = gaussian_kernel_size(sigma) // 2  # 3 on a 3x4 grid: clipped to 1 along H and 2 along W
+    radius = gaussian_kernel_size(sigma) // 2  # 2 (kernel 5) on a 3x4 grid: clipped to 1 along H, 2 along W
     q_np = q.numpy().reshape(4, 2, 3, 4, 8)
     blurred = np.empty_like(q_np)
     for n in range(4):
@@ -160,13 +189,16 @@ def test_capture_records_head_averaged_probabilities_of_its_rows(qkv):
         sink.image_to_image(3)
 
 
-def test_capture_in_joint_attention_keeps_image_queries_and_can_slice_image_keys():
+def test_capture_in_joint_attention_keeps_image_queries_and_image_keys_renormalised():
     q, k, v = joint_qkv()
     sink = AttentionMaps()
     site = Site(layer=0, image=slice(4, 16), grid=(3, 4))
     attention(q, k, v, site, AttentionPlan.single(Capture(sink), [0]))
-    assert sink.maps[0].shape == (3, 12, 16)  # image queries x all keys
+    # SAG's map: each head's image-query rows restricted to the image keys (softmax over them), head-averaged
+    q_img, k_img = q[:, :, 4:].float(), k[:, :, 4:].float()
+    expected = torch.softmax(q_img @ k_img.transpose(-1, -2) / math.sqrt(8), dim=-1).mean(dim=1)
     assert sink.image_to_image(0).shape == (3, 12, 12)
+    torch.testing.assert_close(sink.image_to_image(0), expected)
 
 
 # --- seam rules for every rectifier --------------------------------------------------------------

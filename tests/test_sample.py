@@ -60,7 +60,7 @@ def test_table_7_defaults():
     t2i = g("erg_mmdit")
     assert (t2i["image"]["kappa"], t2i["image"]["layers"], t2i["image"]["gamma"]) == (0.4, [10, 17], 1.5)
     # encoder names as in text_encoder=llama3_t5
-    assert t2i["text"] == {"tau": 0.01, "layers": {"llama3_8b": [0, 32], "flan_t5_xl": [0, 24]}}
+    assert t2i["text"] == {"tau": 0.01, "layers": {"llama3_8b": [0, 32], "flan_t5_xl": [0, 24]}, "scope": "query"}
     uncond = g("erg_mmdit_uncond")["image"]
     assert (uncond["kappa"], uncond["layers"], uncond["gamma"]) == (0.2, [10, 17], 1.0)
     assert g("apg")["apg"] == g("erg_apg")["apg"] == {"momentum": -0.5, "eta": 0.0, "norm_threshold": 5.0}

@@ -104,9 +104,9 @@ def _run(models, cfg, **kw):
 @pytest.mark.parametrize(
     ("neutral", "reference"),
     [
-        ({"method": "erg", "scale": 2.0, "image": {"layers": LAYERS, "tau": 1.0, "kappa": -1}}, "cfg"),  # tau = 1
-        ({"method": "erg", "scale": 2.0, "image": {"layers": LAYERS, "kappa": 1.0}}, "cfg"),  # kappa = 1: never
-        ({"method": "erg", "scale": 2.0, "image": None}, "cfg"),  # C-ERG on a class model: the null class
+        # ERG on CFG's null-class negative (erg_null): tau = 1 or kappa = 1 is CFG
+        ({"method": "erg", "scale": 2.0, "condition": "null", "image": {"layers": LAYERS, "tau": 1.0}}, "cfg"),
+        ({"method": "erg", "scale": 2.0, "condition": "null", "image": {"layers": LAYERS, "kappa": 1.0}}, "cfg"),
         ({"method": "erg", "scale": 1.0, "image": {"layers": LAYERS}}, "none"),  # w = 1
         ({"method": "sag", "scale": 2.0, "sag_scale": 0.0, "layers": LAYERS}, "cfg"),  # its extra forward comes after
         ({"method": "cfg", "scale": 2.0, "cads": {"tau1": 1.0, "tau2": 1.0, "rescale": False}}, "cfg"),  # gamma = 1
@@ -140,6 +140,11 @@ def test_a_zero_perturbation_term_is_cfg(models, neutral):
     [
         ({"method": "cfg", "scale": 2.0, "apg": {"momentum": 0.0, "eta": 1.0, "norm_threshold": 0.0}}, "cfg"),
         ({"method": "erg", "scale": 2.0, "condition": "cond", "image": {"layers": LAYERS, "kappa": 1.0}}, "none"),
+        # ERG (eq. (10)): on a class model its negative is the class itself, so tau = 1 / kappa = 1 / C-ERG
+        # alone (nothing to rectify) is no guidance (up to rounding: pos and neg rows of one batched forward)
+        ({"method": "erg", "scale": 2.0, "image": {"layers": LAYERS, "tau": 1.0, "kappa": -1}}, "none"),
+        ({"method": "erg", "scale": 2.0, "image": {"layers": LAYERS, "kappa": 1.0}}, "none"),
+        ({"method": "erg", "scale": 2.0, "image": None}, "none"),
         ({"method": "cfg", "scale": 2.0, "cads": {"tau1": 1.0, "tau2": 1.0, "psi": 1.0}}, "cfg"),
     ],
 )

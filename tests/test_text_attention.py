@@ -192,3 +192,107 @@ def test_prompt_conditioning_encodes_c_erg_under_the_temperature():
     assert _hooks(bert) == 0
     with pytest.raises(ValueError, match=r"names text encoder 't5'; this model's encoders are \['bert'\]"):
         cond.encode(prompts, Condition(RECTIFIED, text=TextTemperature(0.1, (("t5", (0, 2)),))))
+
+
+# --- C-ERG on T5: the content term (Listing 1) or the whole logit, relative position bias included ---------
+def tiny_t5(attn: str):
+    torch.manual_seed(0)
+    config = transformers.T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=4, num_heads=2,
+                                   dropout_rate=0.0, relative_attention_num_buckets=8)  # fmt: skip
+    config._attn_implementation = attn
+    model = transformers.T5EncoderModel(config).eval()
+    with torch.no_grad():  # a bias large enough to matter next to the content term
+        model.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight.mul_(20.0)
+    return model
+
+
+def manual_t5(model, ids, mask, tau, layers, scope):
+    """T5's encoder written out (eager): logits = q k^T + b (no 1/sqrt(d)) + padding mask; in blocks
+    [l_min, l_max) tau multiplies q k^T ("query", Listing 1) or q k^T + b ("logits")."""
+    enc = model.encoder
+    h = enc.embed_tokens(ids)
+    B, L, _ = h.shape
+    b = enc.block[0].layer[0].SelfAttention.compute_bias(L, L)  # (1, heads, L, L), shared by every block
+    pad = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    for i, block in enumerate(enc.block):
+        sa = block.layer[0].SelfAttention
+        x = block.layer[0].layer_norm(h)
+        q, k, v = (lin(x).view(B, L, sa.n_heads, sa.key_value_proj_dim).transpose(1, 2) for lin in (sa.q, sa.k, sa.v))
+        content = q @ k.transpose(-1, -2)
+        inside = layers[0] <= i < layers[1]
+        if inside and scope == "query":
+            logits = tau * content + b
+        elif inside:
+            logits = tau * (content + b)
+        else:
+            logits = content + b
+        w = torch.softmax((logits + pad).float(), dim=-1)
+        h = h + sa.o((w @ v).transpose(1, 2).reshape(B, L, -1))
+        ff = block.layer[-1]
+        h = h + ff.DenseReluDense(ff.layer_norm(h))
+    return enc.final_layer_norm(h)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("scope", ["query", "logits"])
+def test_t5_temperature_matches_a_manual_forward(attn, scope):
+    t5 = tiny_t5(attn)
+    ids = torch.randint(1, 40, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # padding in the second prompt
+    with torch.no_grad():
+        plain = t5(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(plain, manual_t5(t5, ids, mask, 1.0, (0, 0), scope), atol=1e-5, rtol=1e-5)
+        with AttentionTemperature(t5, tau=0.1, layers=(1, 3), scope=scope) as ctx:  # not block 0, not block 3
+            hooked = t5(input_ids=ids, attention_mask=mask).last_hidden_state
+            assert len(ctx.hooks) == (2 if scope == "query" else 6) and "scope=" + scope in repr(ctx)
+        torch.testing.assert_close(hooked, manual_t5(t5, ids, mask, 0.1, (1, 3), scope), atol=1e-5, rtol=1e-5)
+        # block 0 computes the bias: scaling it there must not leak into the blocks after the range
+        with AttentionTemperature(t5, tau=0.1, layers=(0, 1), scope=scope):
+            first = t5(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(first, manual_t5(t5, ids, mask, 0.1, (0, 1), scope), atol=1e-5, rtol=1e-5)
+        assert _hooks(t5) == 0
+        assert torch.equal(t5(input_ids=ids, attention_mask=mask).last_hidden_state, plain)
+
+
+def test_the_two_scopes_differ_on_t5_and_agree_where_the_logits_have_no_bias(tokens):
+    t5 = tiny_t5("eager")
+    ids = torch.randint(1, 40, (2, 7), generator=torch.Generator().manual_seed(4))
+    out = {}
+    with torch.no_grad():
+        for scope in ("query", "logits"):
+            with AttentionTemperature(t5, tau=0.01, layers=(0, 4), scope=scope):
+                out[scope] = t5(input_ids=ids).last_hidden_state
+        assert (out["query"] - out["logits"]).abs().max() > 1e-2
+        plain = t5(input_ids=ids).last_hidden_state
+        with AttentionTemperature(t5, tau=1.0, layers=(0, 4), scope="logits"):  # tau = 1: exactly plain
+            assert torch.equal(t5(input_ids=ids).last_hidden_state, plain)
+        bert = tiny_bert()  # no additive bias: the whole logit is the content term
+        with AttentionTemperature(bert, 0.2, (0, 2), scope="query"):
+            query = bert(**tokens).last_hidden_state
+        with AttentionTemperature(bert, 0.2, (0, 2), scope="logits") as ctx:
+            logits = bert(**tokens).last_hidden_state
+            assert len(ctx.hooks) == 2
+        assert torch.equal(query, logits)
+    with pytest.raises(ValueError, match="scope of t5 must be one of"):
+        AttentionTemperature(t5, 0.1, (0, 1), name="t5", scope="bias")
+
+
+def test_the_scope_reaches_the_encoders_from_the_config():
+    from erg.conditioning import Prompts
+    from erg.guidance import GuidanceConfigError, build_guidance
+
+    cfg = {"method": "erg", "image": None, "text": {"tau": 0.1, "layers": {"t5": [0, 4]}}}
+    assert build_guidance(cfg).branch("neg").condition.text.scope == "query"  # Listing 1 by default
+    whole = build_guidance({**cfg, "text": {**cfg["text"], "scope": "logits"}}).branch("neg").condition
+    assert whole.text.scope == "logits"
+    with pytest.raises(GuidanceConfigError, match="guidance.text.scope must be one of query, logits"):
+        build_guidance({**cfg, "text": {**cfg["text"], "scope": "all"}})
+    t5 = tiny_t5("eager")
+    ids = torch.randint(1, 40, (2, 5), generator=torch.Generator().manual_seed(5))
+    cond = Prompts(lambda prompts: {"context": t5(input_ids=ids[: len(prompts)]).last_hidden_state}, {"t5": t5})
+    with torch.no_grad():
+        weak = cond.encode(["a", "b"], whole)["context"]
+        with AttentionTemperature(t5, 0.1, (0, 4), scope="logits"):
+            expected = t5(input_ids=ids).last_hidden_state
+    assert torch.equal(weak, expected)

@@ -7,7 +7,8 @@ guiders of the ecosystem: cfg_zero_star, slg, fdg, tcfg, mambo_g); `apg` and `ca
 method that has the branches they act on (APG replaces the pos/neg combination, CADS noises a branch's
 condition), so ERG + APG and ERG + CADS are not separate methods; `interval` ([t_lo, t_hi], the guidance
 interval) restricts any method's guidance to t_lo <= t < t_hi. `name` is the method's name in tables;
-`guided_channels` is DiT/SiT's first-channels-only quirk (off by default).
+`guided_channels` is DiT/SiT's first-channels-only quirk (on for the public SiT-XL/2
+only: configs/presets/model/for_sit_xl2.yaml).
 """
 
 from __future__ import annotations

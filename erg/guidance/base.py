@@ -89,10 +89,13 @@ class TextTemperature:
     """C-ERG: temperature `tau` on the self-attention logits of text-encoder blocks [l_min, l_max).
 
     layers: ((encoder name, (l_min, l_max)), ...), one entry per text encoder of the model.
+    scope: "query" (the paper's Listing 1: q scaled, so T5's relative position bias is not) or "logits"
+        (the whole logit, T5's bias included); erg/text_attention.py.
     """
 
     tau: float
     layers: tuple[tuple[str, tuple[int, int]], ...]
+    scope: str = "query"
 
 
 class ConditionNoise(ABC):
@@ -110,8 +113,8 @@ class Condition:
     """What a branch is conditioned on.
 
     kind: "cond" (the user's class / prompt), "null" (null class / empty prompt), or "c_erg" (the
-        prompt encoded with C-ERG's `text` temperature; models without a text encoder use the null
-        condition, see erg/conditioning.py).
+        user's condition encoded with C-ERG's `text` temperature, phi_c^tau of eq. (10); without a
+        temperature or a text encoder to put it in, the condition itself: erg/conditioning.py).
     noise: CADS' annealed noise on the encoded condition, per step.
     """
 
@@ -274,7 +277,8 @@ class Guidance:
 
     name: the method's name in tables ("cfg", "erg_apg", ...).
     guided_channels: DiT/SiT's quirk of guiding only the first channels (3 of 4); the remaining
-        channels take the positive prediction. None (default) guides every channel.
+        channels take the positive prediction. None guides every channel (the default, except when
+        sampling the public SiT-XL/2: configs/presets/model/for_sit_xl2.yaml sets 3).
     """
 
     name: str

@@ -3,9 +3,13 @@
 Two forwards per step: first the usual branches, recording the attention maps of the *source*
 branch (neg with CFG, else pos) in the chosen blocks (`Capture`); then the *degraded* branch:
 
-    A      = attention probabilities, averaged over heads (and over the chosen blocks)
-    mask   = keys whose attention summed over queries exceeds `threshold` (1: above average),
-             on the token grid, upsampled (nearest) to the image
+    A      = image-to-image attention probabilities, averaged over heads (and over the chosen blocks);
+             in joint text-image attention each head's image-query rows are renormalised over the
+             image keys first (`erg.attention.AttentionMaps`), so every row sums to 1 as in SAG's
+             image self-attention, whatever the text length
+    mask   = image keys whose attention summed over image queries exceeds `threshold` (1: above
+             average; SAG's reference: `attn_map.mean(1).sum(1) > 1.0`), on the token grid,
+             upsampled (nearest) to the image
     x0_deg = blur(x0_src) inside the mask, x0_src outside      (Gaussian, `blur_sigma`)
     x_deg  = t x0_deg + (1 - t) eps_src                        (re-noised to the current t)
     degraded = D(x_deg, condition of the source branch)
@@ -47,7 +51,7 @@ class SAGDegrade:
         """(B, 1, H, W) float mask of the image regions the source branch attends to most."""
         maps = step.maps[self.source]
         attn = torch.stack([maps.image_to_image(layer) for layer in self.layers]).mean(dim=0)  # (B, N, N)
-        attended = attn.sum(dim=1)  # per key, summed over queries: 1 on average
+        attended = attn.sum(dim=1)  # per image key, summed over image queries: 1 on average
         h, w = maps.sites[self.layers[0]].grid
         mask = (attended > self.threshold).to(step.x.dtype).view(-1, 1, h, w)
         return F.interpolate(mask, size=step.x.shape[-2:], mode="nearest")
@@ -65,7 +69,7 @@ class SAGConfig:
     sag_scale: float = 0.75  # s (diffusers' default)
     layers: Any = (12, 15)  # [l_min, l_max): blocks whose maps are averaged (middle blocks, appendix B.4)
     blur_sigma: float = 1.0
-    blur_kernel: int | None = 9  # diffusers' SAG; null: ceil(6 sigma) + 1, odd
+    blur_kernel: int | None = 9  # SAG's reference and diffusers; null: SEG's size (erg.blur)
     threshold: float = 1.0
 
     def __post_init__(self) -> None:
