@@ -47,7 +47,9 @@ KILLED_WRITER = """
 import sys, torch
 sys.path.insert(0, {root!r})
 from models.checkpoint_io import save_checkpoint_atomic
-from tests.test_checkpoint_io import _checkpoint
+def _checkpoint(step, tensors=4, size=1000):  # as in the test module (not imported: it loads the trainer)
+    weights = {{f"w{{i}}": torch.full((size,), float(step + i)) for i in range(tensors)}}
+    return {{"global_step": step, "state_dict": weights}}
 save_checkpoint_atomic(_checkpoint(1), {path!r})
 print("previous saved", flush=True)
 save_checkpoint_atomic(_checkpoint(2, tensors=512, size=65_536), {path!r})  # 128 MiB, 512 records
