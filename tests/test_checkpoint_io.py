@@ -4,6 +4,7 @@ filesystem than the run folder, truncated checkpoints at resume."""
 
 from __future__ import annotations
 
+import csv
 import errno
 import io
 import json
@@ -46,7 +47,9 @@ KILLED_WRITER = """
 import sys, torch
 sys.path.insert(0, {root!r})
 from models.checkpoint_io import save_checkpoint_atomic
-from tests.test_checkpoint_io import _checkpoint
+def _checkpoint(step, tensors=4, size=1000):  # as in the test module (not imported: it loads the trainer)
+    weights = {{f"w{{i}}": torch.full((size,), float(step + i)) for i in range(tensors)}}
+    return {{"global_step": step, "state_dict": weights}}
 save_checkpoint_atomic(_checkpoint(1), {path!r})
 print("previous saved", flush=True)
 save_checkpoint_atomic(_checkpoint(2, tensors=512, size=65_536), {path!r})  # 128 MiB, 512 records
@@ -227,3 +230,22 @@ def test_resume_auto_with_no_readable_checkpoint_names_the_files(tmp_path):
     (run_dir / "checkpoints" / "step_0000100.ckpt").write_bytes(b"")
     with pytest.raises(ConfigError, match=r"no checkpoint of .* can be read: .*last\.ckpt .*step_0000100\.ckpt"):
         find_resume_checkpoint(run_dir, "auto")
+
+
+def test_a_resumed_csv_log_drops_the_rows_after_its_checkpoint_and_a_cut_row(tmp_path):
+    """metrics.csv of a run killed after logging steps 0-5 (its last row cut mid-write), resumed from a
+    checkpoint of step 3: rows 0-2 stay, the resumed run logs 3 onwards once."""
+    from models.runtime import csv_logger
+
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    rows = "".join(f"0,{s},{s / 10}\r\n" for s in range(6))
+    (log_dir / "metrics.csv").write_text("epoch,step,train/loss\r\n" + rows + "0,6,0.", newline="")
+    logger = csv_logger(str(tmp_path), name="logs", version="")
+    logger.resume_from(3)
+    for step in range(3, 5):
+        logger.log_metrics({"train/loss": step / 10, "epoch": 0}, step=step)
+    logger.save()
+    with open(log_dir / "metrics.csv", newline="") as f:
+        steps = [int(r["step"]) for r in csv.DictReader(f)]
+    assert steps == [0, 1, 2, 3, 4]

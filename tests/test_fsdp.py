@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from models.checkpoints import build_dit, load_into
@@ -26,6 +27,7 @@ def _overrides(run_dir: Path, trainer: str, steps: int) -> list[str]:
     ]  # fmt: skip
 
 
+@pytest.mark.slow  # 3 launches of 2 ranks (~60 s of CPU); the sharded forward/backward alone: tests/test_mmdit.py
 def test_fsdp_on_two_cpu_ranks_saves_resumes_and_equals_an_unsharded_run(tmp_path):
     fsdp, ddp = tmp_path / "fsdp", tmp_path / "ddp"
     for d in (fsdp, ddp):

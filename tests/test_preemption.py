@@ -261,3 +261,27 @@ def test_lightning_slurm_auto_requeue_is_off(monkeypatch):
     assert any(isinstance(p, AtomicCheckpointIO) for p in plugins)
     assert usr1_handler_lightning_installs(plugins) is None
     assert usr1_handler_lightning_installs([SLURMEnvironment()]) is not None  # Lightning's default would
+
+
+def test_the_handlers_only_set_flags_a_second_ctrl_c_stops_at_once_and_forks_ignore_them():
+    """The handlers (no training): each signal sets its flag; a second SIGINT raises KeyboardInterrupt; a forked
+    DataLoader worker ignores the signals (the main process decides); the previous handlers come back."""
+    from models.preemption import GracefulStop
+
+    before = {s: signal.getsignal(s) for s in SIGNALS}
+    stop = GracefulStop(None)
+    with stop.handling_signals():
+        pid = os.fork()
+        if pid == 0:  # a forked worker: SIGTERM must neither kill it nor set a flag that matters
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            os._exit(3 if stop.received[signal.SIGTERM] else 0)
+        assert os.waitpid(pid, 0)[1] == 0  # alive, exited by itself, flag untouched
+        for sig in SIGNALS:
+            os.kill(os.getpid(), sig)
+            time.sleep(0.01)
+        assert all(stop.received.values())
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(1)
+    assert {s: signal.getsignal(s) for s in SIGNALS} == before
