@@ -34,13 +34,13 @@ def test_the_pipeline_grid_is_its_schedulers_and_leaves_it_untouched(pipe):
 
 
 def test_schedule_pipeline_needs_a_model_with_its_own_grid():
+    from erg.guidance import build_guidance
     from models.checkpoints import build_dit
 
-    from erg.guidance import build_guidance
-
     dit = build_dit("DiT-S/8", input_size=16, in_channels=4, num_classes=10)
+    none = build_guidance({"name": "none", "method": "none"})
     with pytest.raises(ValueError, match="schedule=pipeline .* has no time_grid"):
-        GuidedSampler(build_guidance({"name": "none", "method": "none"}), dit, config=SamplerConfig(schedule="pipeline"))
+        GuidedSampler(none, dit, config=SamplerConfig(schedule="pipeline"))
 
 
 def test_installed_restores_the_same_processors_also_on_errors(pipe):
