@@ -18,7 +18,11 @@ attention keep plain attention; `Temperature` can take the text segment instead)
 - `Identity`: PAG, the image-to-image attention map replaced by the identity (output = V);
 - `SmoothedEnergy`: SEG, image queries blurred on their 2D grid (sigma = inf: their mean);
 - `Capture`: SAG and the analyses, records the attention probabilities in a sink the caller owns
-  and returns the plain output.
+  and returns the plain output;
+- `SkipBlock`: skip-layer guidance (SLG, STG-R): the whole transformer block is the identity for its
+  rows. Attention gives those rows plain attention; the model puts the block's input back after the
+  block with `skip_blocks(plan, layer, before, after)` (a model that does so sets
+  `supports_block_skip = True`; the sampler refuses block skips for any other model).
 Rectifiers are stateless (frozen dataclasses); `Capture`'s sink is the one explicit exception.
 """
 
@@ -45,9 +49,11 @@ __all__ = [
     "Rectifier",
     "Rule",
     "Site",
+    "SkipBlock",
     "SmoothedEnergy",
     "Temperature",
     "attention",
+    "skip_blocks",
 ]
 
 
@@ -273,6 +279,39 @@ class Capture(Rectifier):
         logits = q_img @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
         self.sink.record(site, torch.softmax(logits, dim=-1))
         return F.scaled_dot_product_attention(q, k, v)
+
+
+@dataclass(frozen=True)
+class SkipBlock(Rectifier):
+    """Skip-layer guidance: transformer block `layer` is the identity for the rule's rows.
+
+    SD3.5's reference (`mmditx.py`: `if i in skip_layers: continue`) and STG's residual skip
+    (Hyung et al., 2025: Res'(z_l) = z_l) skip the whole block, both streams of a joint block included.
+    Inside the block's attention these rows get plain attention (a logit scale of exactly 1, so it folds
+    into the one fused call); the block runs for them as for every row and `skip_blocks` then puts their
+    input back, so a skipped branch costs no extra forward and the other rows are untouched.
+    """
+
+    def query_scale(self) -> float:
+        return 1.0
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, site: Site) -> Tensor:
+        return F.scaled_dot_product_attention(q, k, v)  # discarded: the block's output is replaced
+
+
+def skip_blocks(plan: AttentionPlan | None, layer: int, before: Tensor, after: Tensor) -> Tensor:
+    """The output of block `layer` under `plan`: `after`, except the rows a `SkipBlock` rule gives for
+    this layer, which get the block's input `before` back (exactly, bit for bit).
+
+    Models call it after every block, on every stream the block updates (image and text tokens of a
+    joint block); before, after: (B, ...) the stream's tokens entering and leaving the block."""
+    rules = [r for r in plan.at(layer) if isinstance(r.rectifier, SkipBlock)] if plan else []
+    if not rules:
+        return after
+    skipped = torch.zeros(after.shape[0], dtype=torch.bool, device=after.device)
+    for rule in rules:
+        skipped[rule.rows] = True
+    return torch.where(skipped.view(-1, *(1,) * (after.ndim - 1)), before, after)
 
 
 def _as_layers(layers: Iterable[int] | int) -> frozenset[int]:

@@ -8,7 +8,8 @@ Time t in [0, 1]: t = 0 is pure noise, t = 1 is data (the paper's and SiT's conv
 
 diffusers' flow-matching scheduler uses sigma = 1 - t and predicts v_diffusers = -v: convert at
 the boundary with `to_diffusers_sigma` / `from_diffusers_velocity`, never inside the math.
-CADS is written in diffusion time (1 = noise): use `from_diffusion_time`.
+CADS is written in diffusion time (1 = noise): use `from_diffusion_time`; EDM's noise levels sigma
+(the guidance interval's): `from_edm_sigma`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ __all__ = [
     "flow_match_euler_times",
     "from_diffusers_velocity",
     "from_diffusion_time",
+    "from_edm_sigma",
     "interpolate",
     "sample_timesteps",
     "shift_time",
@@ -81,6 +83,15 @@ def to_diffusers_sigma(t: Tensor | float) -> Tensor | float:
 def from_diffusers_velocity(v_diffusers: Tensor) -> Tensor:
     """diffusers' SD3 transformer predicts eps - x; our velocity is x - eps."""
     return -v_diffusers
+
+
+def from_edm_sigma(sigma: float) -> float:
+    """Our time t for the noise level sigma of EDM (Karras et al., 2022; x = y + sigma n), which the
+    guidance-interval paper uses: x_t / t = x + ((1 - t) / t) eps, so sigma = (1 - t) / t and
+    t = 1 / (1 + sigma) (sigma = inf: t = 0, pure noise)."""
+    if not sigma >= 0:
+        raise ValueError(f"an EDM noise level sigma must be >= 0, got {sigma}")
+    return 0.0 if math.isinf(sigma) else 1.0 / (1.0 + sigma)
 
 
 def from_diffusion_time(s: float) -> float:

@@ -2,7 +2,9 @@
 
     x <- noise (per-sample seeds);  for t_i in time_grid(steps, shift):         t = 0 noise -> 1 data
         for each stage (SAG's degraded branch is a second stage):
-            for each model (main, weak): ONE forward over the rows of all its branches,
+            for each model (main, weak): ONE forward over the rows of all its branches the combine
+                rule needs at this step (guidance.needed(step): all of them, except in SLG's step window,
+                CFG-Zero*'s zero-init steps and outside a guidance interval),
                 rows [j B, (j + 1) B) = branch j, each with its own attention rules (AttentionPlan)
         v = guidance.combine(predictions)            (velocity; APG converts to x0 and back)
         x <- x + (t_{i+1} - t_i) v
@@ -24,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from erg.attention import AttentionMaps, AttentionPlan, Capture, Rule
+from erg.attention import AttentionMaps, AttentionPlan, Capture, Rule, SkipBlock
 from erg.conditioning import Conditioning, conditioning_for
 from erg.flow import flow_match_euler_times, time_grid
 from erg.guidance.base import Branch, Guidance, Step
@@ -116,6 +118,7 @@ class GuidedSampler:
         if self.config.schedule == "pipeline":
             self.config.times(self.models["main"])  # a model without its own grid fails here, before sampling
         self._call = {k: torch.compile(m) if self.config.compile else m for k, m in self.models.items()}
+        self.nfe_per_step: list[int] = []  # branches evaluated per image at each step of the last run
 
     def _check(self, guidance: Guidance) -> None:
         for b in guidance.branches:
@@ -130,6 +133,14 @@ class GuidedSampler:
                         f"{origin}=[{lo}, {hi}] but the {b.model} model has {n} attention layers "
                         f"(blocks 0..{n - 1}): layers {bad} do not exist. Choose a range inside the model, "
                         f"e.g. its middle blocks {origin}=[{mid},{max(round(n * 15 / 28), mid + 1)}]"
+                    )
+            if b.perturbation is not None and isinstance(b.perturbation.rectifier, SkipBlock):
+                model = self.models[b.model]
+                if not getattr(model, "supports_block_skip", False):
+                    raise ValueError(
+                        f"guidance {guidance.name} skips whole blocks (skip-layer guidance, guidance.skip=block), "
+                        f"but {type(model).__name__} does not apply erg.attention.skip_blocks; use "
+                        "guidance.skip=attention (the attention map replaced by the identity) on this model"
                     )
             if b.condition.noise is not None:
                 keys = b.condition.noise.keys or self.conditionings[b.model].noisable
@@ -203,9 +214,12 @@ class GuidedSampler:
         step.maps.update(sinks)
 
     def evaluate(self, step: Step, encoded: dict, seeds: Sequence[int]) -> None:
-        """Fill `step.preds` (and `step.maps`) with every branch's prediction at this step."""
+        """Fill `step.preds` (and `step.maps`) with the prediction of every branch the guidance needs at
+        this step (`Guidance.needed`); the others are not evaluated at all."""
+        needed = self.guidance.needed(step)
+        self.nfe_per_step.append(len(needed))
         for stage in (0, 1):
-            branches = [b for b in self.guidance.branches if b.stage == stage]
+            branches = [b for b in needed if b.stage == stage]
             for model in dict.fromkeys(b.model for b in branches):
                 group = [b for b in branches if b.model == model]
                 if self.config.batch_branches:
@@ -254,11 +268,12 @@ class GuidedSampler:
         seeds = list(seeds) if seeds is not None else list(range(B))
         encoded = self.encode(conditions)
         state = self.guidance.combine.new_state()  # fresh per run (APG's momentum starts at zero)
+        self.nfe_per_step = []
         times = self.config.times(self.models["main"])  # host copy: no syncs per step
         ts = times.to(self.device, torch.float32)
         x = noise.to(self.device, torch.float32)
         for i in range(self.config.steps):
-            step = Step(i, float(times[i]), ts[i].expand(B), x)
+            step = Step(i, float(times[i]), ts[i].expand(B), x, num_steps=self.config.steps)
             self.evaluate(step, encoded, seeds)
             v = self.velocity(step, state)
             if on_step is not None:

@@ -52,6 +52,13 @@ METHOD_LABELS = {
     "sag": "SAG*",
     "seg": "SEG*",
     "autoguidance": "AutoGuidance",
+    # guiders of the ecosystem (not in the paper's tables): erg/guidance/{cfg_zero_star,slg,fdg,tcfg,mambo_g}.py
+    "cfg_zero_star": "CFG-Zero*",
+    "slg": "SLG",
+    "fdg": "FDG",
+    "tcfg": "TCFG",
+    "mambo_g": "MAMBO-G",
+    "cfg_interval": "CFG, interval",
     "c_erg": "C-ERG",
     "i_erg": "I-ERG",
     "erg": "ERG",

@@ -11,7 +11,7 @@ velocity as is (`learn_sigma=True`: the checkpoint has 2C output channels, the f
 
 Every attention goes through `erg.attention.attention` with its layer index; `forward(...,
 plan=...)` takes an `AttentionPlan` so guidance can rectify chosen rows and layers without
-touching this file.
+touching this file (and skip whole blocks for chosen rows: `erg.attention.skip_blocks`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from erg.attention import AttentionPlan
+from erg.attention import AttentionPlan, skip_blocks
 from models.layers import (
     LabelEmbedder,
     Mlp,
@@ -80,6 +80,8 @@ class DiT(nn.Module):
         time_scale: t is multiplied by this before the sinusoidal embedding (1.0 = SiT).
         grad_checkpointing: recompute block activations in backward (activation checkpointing).
     """
+
+    supports_block_skip = True  # forward applies erg.attention.skip_blocks after every block
 
     def __init__(
         self,
@@ -205,11 +207,12 @@ class DiT(nn.Module):
             raise ValueError("this DiT is unconditional (num_classes=0) but labels y were given")
 
         tokens = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, N, D), N = H W / p^2
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training:
-                tokens = checkpoint(block, tokens, c, self.grid, plan, use_reentrant=False)
+                out = checkpoint(block, tokens, c, self.grid, plan, use_reentrant=False)
             else:
-                tokens = block(tokens, c, self.grid, plan)  # (B, N, D)
+                out = block(tokens, c, self.grid, plan)  # (B, N, D)
+            tokens = skip_blocks(plan, i, tokens, out)  # skip-layer guidance's rows keep their input
         out = self.unpatchify(self.final_layer(tokens, c))  # (B, out_channels, H, W)
         return out[:, : self.in_channels] if self.learn_sigma else out
 

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from erg.attention import AttentionPlan, Site, attention
+from erg.attention import AttentionPlan, Site, attention, skip_blocks
 from models.dit import FinalLayer
 from models.layers import Mlp, PatchEmbed, TimestepEmbedder, modulate, sincos_pos_embed_2d
 
@@ -175,6 +175,8 @@ class MMDiT(nn.Module):
         time_scale: t is multiplied by this before the sinusoidal embedding (SD3 feeds 1000 x time).
         grad_checkpointing: recompute block activations in backward (activation checkpointing).
     """
+
+    supports_block_skip = True  # forward applies erg.attention.skip_blocks to both streams after every block
 
     def __init__(
         self,
@@ -317,11 +319,14 @@ class MMDiT(nn.Module):
             c = c + self.y_embedder(pooled.to(c.dtype))
         img = self.x_embedder(x) + self.pos_embed.to(x.dtype)  # (B, N, D)
         txt = self.context_embedder(context.to(self.context_embedder.weight.dtype))  # (B, L, D)
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
             if self.grad_checkpointing and self.training:
-                img, txt = checkpoint(block, img, txt, c, self.grid, plan, use_reentrant=False)
+                img_out, txt_out = checkpoint(block, img, txt, c, self.grid, plan, use_reentrant=False)
             else:
-                img, txt = block(img, txt, c, self.grid, plan)
+                img_out, txt_out = block(img, txt, c, self.grid, plan)
+            # skip-layer guidance's rows keep both streams' inputs (SD3.5: the whole joint block skipped)
+            img = skip_blocks(plan, i, img, img_out)
+            txt = None if txt_out is None else skip_blocks(plan, i, txt, txt_out)
         return self.unpatchify(self.final_layer(img, c))  # (B, C, H, W)
 
 

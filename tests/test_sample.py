@@ -45,7 +45,7 @@ def test_every_guidance_config_composes_and_validates(name):
     container = validate(cfg)
     guidance = build_guidance(container["guidance"])
     assert guidance.name == name == container["guidance"]["name"]
-    assert guidance.nfe == {"seg": 3}.get(name, 1 if name == "none" else 2)
+    assert guidance.nfe == {"seg": 3, "slg": 3}.get(name, 1 if name == "none" else 2)  # SLG: 3 in its window
 
 
 def test_table_7_defaults():

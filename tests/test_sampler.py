@@ -29,6 +29,14 @@ METHODS = {
     "seg": {"method": "seg", "layers": LAYERS, "sigma": 0.7},
     "sag": {"method": "sag", "scale": 2.0, "layers": LAYERS, "blur_kernel": 3},
     "autoguidance": {"method": "autoguidance", "checkpoint": "weak.ckpt"},
+    "cfg_zero_star": {"method": "cfg_zero_star", "scale": 2.0},
+    "slg": {"method": "slg", "scale": 2.0, "layers": LAYERS, "start": 0.2, "stop": 0.8},
+    "slg_attention": {"method": "slg", "layers": LAYERS, "skip": "attention", "start": -1, "stop": 1},
+    "fdg": {"method": "fdg", "scales": [3.0, 1.5], "parallel_weights": [0.5, 1.0]},
+    "tcfg": {"method": "tcfg", "scale": 2.0},
+    "mambo_g": {"method": "mambo_g", "scale": 3.0, "alpha": 1.0},
+    "cfg_interval": {"method": "cfg", "scale": 2.0, "interval": [0.3, 0.7]},
+    "erg_interval": {"method": "erg", "scale": 2.0, "image": {"layers": LAYERS, "kappa": 0.2}, "interval": [0.2, 0.6]},
 }
 STEPS = 4
 

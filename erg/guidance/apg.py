@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from erg.flow import velocity_from_x0
-from erg.guidance.base import Combine, Guidance, Linear, Step, Term, add_terms
+from erg.guidance.base import Combine, Guidance, Linear, Step, Term, add_terms, term_branches
 from erg.guidance.config import GuidanceConfigError, finite
 
 __all__ = ["APG", "APGConfig", "apg_update", "with_apg"]
@@ -86,6 +86,9 @@ class APG(Combine):
     @property
     def uses(self) -> frozenset[str]:
         return frozenset([self.pos, self.neg, *(t.plus for t in self.extra), *(t.minus for t in self.extra)])
+
+    def needs(self, step: Step) -> frozenset[str]:
+        return frozenset([self.pos, self.neg]) | term_branches(self.extra, step)
 
 
 def with_apg(guidance: Guidance, cfg: APGConfig) -> Guidance:

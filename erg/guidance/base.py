@@ -7,8 +7,11 @@ model (the main one, or AutoGuidance's weak checkpoint), which attention perturb
 maps (SAG), and, for SAG's degraded branch, an input computed from the branches evaluated before it.
 
 A *combine rule* turns the branches' predictions into the velocity the sampler steps with.
-`Linear` covers CFG, I-ERG/C-ERG/ERG (eq. (10)), AutoGuidance and the extra terms of PAG, SEG and
-SAG: out = pos + sum_j s_j (plus_j - minus_j). `APG` (apg.py) replaces the pos/neg term.
+`Linear` covers CFG, I-ERG/C-ERG/ERG (eq. (10)), AutoGuidance and the extra terms of PAG, SEG, SAG
+and SLG: out = pos + sum_j s_j (plus_j - minus_j). `APG` (apg.py) replaces the pos/neg term; the
+other rules (CFG-Zero*, FDG, TCFG, MAMBO-G) have their own file. A rule also says, per step, which
+branches it `needs`: the sampler evaluates only those (SLG's step window, CFG-Zero*'s zero-init
+steps, the guidance interval).
 
 Branches are always addressed by name ("pos", "neg", "perturbed", "degraded", "weak"), never by
 their position in a batch. Times are this project's: t = 0 noise, t = 1 data (erg/flow.py).
@@ -40,6 +43,7 @@ __all__ = [
     "Linear",
     "Perturbation",
     "Step",
+    "StepWindow",
     "Term",
     "TextTemperature",
     "TimeWindow",
@@ -158,8 +162,9 @@ class Step:
     """What a combine rule sees at one sampling step.
 
     index: step number; time: t as a Python float (time windows, CADS); t: (B,) the same time as a
-    tensor on the device; x: (B, C, H, W) the current state x_t; preds: velocity of every branch;
-    maps: attention maps recorded for branches with `capture`.
+    tensor on the device; x: (B, C, H, W) the current state x_t; preds: velocity of every branch
+    evaluated at this step; maps: attention maps recorded for branches with `capture`; num_steps: the
+    run's number of steps (windows given as fractions of the steps, SLG's).
     """
 
     index: int
@@ -168,6 +173,7 @@ class Step:
     x: Tensor
     preds: dict[str, Tensor] = field(default_factory=dict)
     maps: dict[str, AttentionMaps] = field(default_factory=dict)
+    num_steps: int | None = None
 
     def x0(self, name: str) -> Tensor:
         """Denoised prediction of a branch: x0 = x_t + (1 - t) v."""
@@ -193,20 +199,50 @@ class Combine(ABC):
     def uses(self) -> frozenset[str]:
         """Names of the branches this rule reads."""
 
+    def needs(self, step: Step) -> frozenset[str]:
+        """The branches this rule reads at `step` (before any is evaluated): the sampler evaluates
+        these only. Default: every branch it uses, at every step."""
+        return self.uses
+
+
+@dataclass(frozen=True)
+class StepWindow:
+    """Steps i of an N-step run with start * N < i < stop * N (fractions of the steps, strict on both
+    sides as SD3.5's skip-layer guidance: `sd3_impls.SkipLayerCFGDenoiser`). A start below 0 includes
+    the first step."""
+
+    start: float = 0.0
+    stop: float = 1.0
+
+    def contains(self, step: Step) -> bool:
+        if step.num_steps is None:
+            raise ValueError("a step window needs Step.num_steps (the sampler sets it)")
+        return self.start * step.num_steps < step.index < self.stop * step.num_steps
+
 
 @dataclass(frozen=True)
 class Term:
-    """scale * (plus - minus), in velocity space."""
+    """scale * (plus - minus), in velocity space; only at the steps of `when` if given."""
 
     scale: float
     plus: str
     minus: str
+    when: StepWindow | None = None
+
+    def active(self, step: Step) -> bool:
+        return self.when is None or self.when.contains(step)
 
 
 def add_terms(out: Tensor, terms: tuple[Term, ...], step: Step) -> Tensor:
     for term in terms:
-        out = out + term.scale * (step.preds[term.plus] - step.preds[term.minus])
+        if term.active(step):
+            out = out + term.scale * (step.preds[term.plus] - step.preds[term.minus])
     return out
+
+
+def term_branches(terms: tuple[Term, ...], step: Step) -> frozenset[str]:
+    """The branches the active terms read at `step`."""
+    return frozenset(name for t in terms if t.active(step) for name in (t.plus, t.minus))
 
 
 @dataclass(frozen=True)
@@ -227,6 +263,9 @@ class Linear(Combine):
     @property
     def uses(self) -> frozenset[str]:
         return frozenset([self.base, *(t.plus for t in self.terms), *(t.minus for t in self.terms)])
+
+    def needs(self, step: Step) -> frozenset[str]:
+        return frozenset([self.base]) | term_branches(self.terms, step)
 
 
 @dataclass(frozen=True)
@@ -263,8 +302,15 @@ class Guidance:
 
     @property
     def nfe(self) -> int:
-        """Function evaluations per image and step (the paper's NFE column)."""
+        """Function evaluations per image and step (the paper's NFE column); steps where the combine rule
+        needs fewer branches (SLG's window, CFG-Zero*'s zero-init, the guidance interval) cost less."""
         return len(self.branches)
+
+    def needed(self, step: Step) -> tuple[Branch, ...]:
+        """The branches to evaluate at `step`: those the combine rule needs, and 'pos' wherever DiT's
+        channel quirk takes its remaining channels from it."""
+        names = self.combine.needs(step) | ({"pos"} if self.guided_channels is not None else set())
+        return tuple(b for b in self.branches if b.name in names)
 
     @property
     def models(self) -> tuple[str, ...]:
