@@ -39,6 +39,9 @@ What a family file provides (a `DiffusersDenoiser` subclass):
     def scheduler_kwargs(self, steps) -> dict     what the pipeline passes to `scheduler.set_timesteps`
     def text_tokens(self, inputs) -> int | None   text tokens of a forward (joint attention over [text ; image]
                                                   that the processor cannot see, e.g. Flux's single blocks)
+    def blocks(self) -> dict[int, nn.Module]      layer index -> the transformer block to skip for skip-layer
+                                                  guidance (erg.attention.SkipBlock); default none: the sampler
+                                                  then refuses block skips for this family (skip=attention works)
     def decode(self, latents) -> Tensor           default: z / scaling_factor + shift_factor, the VAE
     latent_shape                                  default: (in_channels, input_size, input_size)
     null(n)                                       the unconditional inputs (default: the empty prompt's encoding)
@@ -67,7 +70,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from erg.attention import AttentionPlan, Site, attention
+from erg.attention import AttentionPlan, Site, SkipBlock, attention, skip_blocks
 from erg.conditioning import Prompts
 from erg.flow import to_diffusers_sigma
 
@@ -80,6 +83,7 @@ __all__ = [
     "installed",
     "load_pipeline",
     "resolve_dtype",
+    "skipping",
     "to_diffusers_sigma",
 ]
 
@@ -160,6 +164,39 @@ def installed(transformer: nn.Module, processors: Mapping[str, Any]) -> Iterator
             modules[name].set_processor(processor)
 
 
+@contextmanager
+def skipping(blocks: Mapping[int, nn.Module], plan: AttentionPlan | None) -> Iterator[None]:
+    """Skip-layer guidance inside diffusers' blocks: while active, each block whose layer a `SkipBlock` rule of
+    `plan` names gives its skipped rows their input back (`erg.attention.skip_blocks`, bit for bit) on every
+    stream it returns (a diffusers joint block returns (encoder_hidden_states, hidden_states) from keyword
+    inputs of the same names); the other rows are the block's own output. Removable forward hooks, registered
+    for this forward only; a skipped layer the family has no block for is an error."""
+    layers = sorted({i for r in (plan.rules if plan else ()) if isinstance(r.rectifier, SkipBlock) for i in r.layers})
+    if not layers:
+        yield
+        return
+    missing = [i for i in layers if i not in blocks]
+    if missing:
+        raise ValueError(f"skip-layer guidance names layers {missing}, which have no block to skip here")
+
+    def hook(layer: int) -> Any:
+        def put_back(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+            streams = (kwargs.get("encoder_hidden_states"), kwargs.get("hidden_states"))
+            if not isinstance(output, tuple) or len(output) != 2 or streams[1] is None:
+                raise RuntimeError(f"block {layer} did not return (encoder_hidden_states, hidden_states) as expected")
+            return tuple(out if out is None or before is None else skip_blocks(plan, layer, before, out)
+                         for before, out in zip(streams, output))  # fmt: skip
+
+        return put_back
+
+    handles = [blocks[i].register_forward_hook(hook(i), with_kwargs=True) for i in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 # --- the adapter -----------------------------------------------------------------------------------------
 class DiffusersDenoiser(nn.Module):
     """A diffusers pipeline as a velocity model of the shared sampler (see the module docstring).
@@ -221,6 +258,14 @@ class DiffusersDenoiser(nn.Module):
     def text_tokens(self, inputs: Mapping[str, Tensor]) -> int | None:
         return None
 
+    def blocks(self) -> dict[int, nn.Module]:
+        return {}
+
+    @property
+    def supports_block_skip(self) -> bool:
+        """Whether skip-layer guidance can skip whole blocks here (the family names its blocks)."""
+        return bool(self.blocks())
+
     def scheduler_kwargs(self, steps: int) -> dict[str, Any]:
         return {"num_inference_steps": steps}
 
@@ -257,10 +302,11 @@ class DiffusersDenoiser(nn.Module):
 
     @contextmanager
     def routed(self, plan: AttentionPlan | None, grid: tuple[int, ...] | None, text_tokens: int | None = None):
-        """Our processors installed and reading `plan` while active; diffusers' back on exit."""
+        """Our processors installed and reading `plan` while active (and the block skips it asks for);
+        diffusers' processors back and the skip hooks removed on exit."""
         self.routing.plan, self.routing.grid, self.routing.text_tokens = plan, grid, text_tokens
         try:
-            with installed(self.transformer, self.processors):
+            with installed(self.transformer, self.processors), skipping(self.blocks(), plan):
                 yield
         finally:
             self.routing.clear()

@@ -166,6 +166,11 @@ class FluxDenoiser(DiffusersDenoiser):
             layers.append(AttentionLayer(name, double + j, FluxSeamAttention(double + j, self.routing)))
         return layers
 
+    def blocks(self) -> dict[int, nn.Module]:
+        """Double-stream blocks are layers 0..18, single-stream blocks 19..56 (skip-layer guidance)."""
+        double = list(self.transformer.transformer_blocks)
+        return dict(enumerate([*double, *self.transformer.single_transformer_blocks]))
+
     def grid(self, x: Tensor) -> tuple[int, int]:
         return (x.shape[-2] // 2, x.shape[-1] // 2)
 

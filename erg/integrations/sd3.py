@@ -160,6 +160,10 @@ class SD3Denoiser(DiffusersDenoiser):
     def attention_layers(self) -> list[AttentionLayer]:
         return sd3_attention_layers(self.transformer, self.routing, dual=self.dual_attention)
 
+    def blocks(self) -> dict[int, nn.Module]:
+        """Block i is layer i (skip-layer guidance skips the whole block: both streams, SD3.5's attn2 too)."""
+        return dict(enumerate(self.transformer.transformer_blocks))
+
     def grid(self, x: Tensor) -> tuple[int, int]:
         p = self.transformer.config.patch_size
         return (x.shape[-2] // p, x.shape[-1] // p)  # PatchEmbed's tokens, row-major
