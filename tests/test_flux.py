@@ -191,6 +191,7 @@ def test_c_erg_acts_on_each_encoders_own_output(model):
 
 def test_every_method_runs_and_nothing_stays_installed(dev, model, memo):
     weak = FluxDenoiser(dev, resolution=16, max_sequence_length=TOKENS)  # AutoGuidance's second model (same weights)
+    model.encode(PROMPTS)  # transformers adds its own output-capturing hooks at a first encoding: not ours
     before = state(dev)
     out = run_every_method(model, weak, "flux_dev", "[1,4]", noise(), PROMPTS, memo)
     assert all(x.shape == (2, 4, 8, 8) and torch.isfinite(x).all() for x in out.values())
@@ -292,3 +293,31 @@ def test_cpu_offload_moves_one_component_group_at_a_time_and_samples_the_same(de
     torch.testing.assert_close(x, sampler(model, guidance("erg", *TINY), memo).sample(noise(), PROMPTS), atol=0, rtol=0)
     with pytest.raises(ValueError, match="with offload, set the dtype when loading"):
         offloaded.to(torch.float16)
+
+
+def test_skip_layer_guidance_skips_a_double_and_a_single_block_per_row(model):
+    """SkipBlock on layers 1 (double-stream) and 3 (single-stream), row 0: those blocks give row 0 its input
+    back on both streams (bit for bit) and act on row 1; the skip hooks exist only for the planned forward."""
+    from erg.attention import SkipBlock
+    from erg.integrations.adapter import skipping
+
+    enc = model.encode(PROMPTS)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([0.5, 0.5])
+    blocks, plan = model.blocks(), AttentionPlan((Rule(SkipBlock(), {1, 3}, slice(0, 1)),))
+    outputs: dict[int, tuple] = {}
+    with torch.no_grad(), skipping(blocks, plan):  # hooks registered after the skip hooks see their result
+        hooks = [blocks[i].register_forward_hook(lambda m, a, kw, out, i=i: outputs.__setitem__(i, (kw, out)),
+                                                 with_kwargs=True) for i in (1, 3)]  # fmt: skip
+        try:
+            model._velocity(x, t, enc["context"], enc["pooled"])
+        finally:
+            for h in hooks:
+                h.remove()
+    for i in (1, 3):
+        kw, (text, image) = outputs[i]
+        assert torch.equal(image[0], kw["hidden_states"][0]) and torch.equal(text[0], kw["encoder_hidden_states"][0])
+        assert not torch.equal(image[1], kw["hidden_states"][1])
+    with torch.no_grad():
+        skipped = model(x, t, enc["context"], enc["pooled"], plan=plan)
+    assert (skipped[0] - model(x, t, enc["context"], enc["pooled"])[0]).abs().max() > 1e-3 and model.supports_block_skip
+    assert not any(b._forward_hooks for b in blocks.values())

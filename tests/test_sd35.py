@@ -138,6 +138,7 @@ def test_a_plan_reaches_only_its_rows_blocks_and_image_tokens(model):
 
 
 def test_every_method_runs_and_nothing_stays_installed(medium, model, memo):
+    model.encode(PROMPTS)  # transformers adds its own output-capturing hooks at a first encoding: not ours
     before = state(medium)
     weak = SD35Denoiser(medium, max_sequence_length=TOKENS)  # AutoGuidance's second model (same weights here)
     out = run_every_method(model, weak, "sd35_medium", "[2,6]", noise(), PROMPTS, memo)
@@ -196,6 +197,15 @@ def test_sd35_presets_follow_table_7_scaled_to_their_depth():
     assert large_sampler["schedule"] == medium_sampler["schedule"] == "pipeline"
     assert chosen("sd35_large", "guidance=seg")[0]["layers"] == [10, 13]
     assert chosen("sd3_medium", "guidance=pag")[0]["layers"] == [6, 8]  # SD3-medium: the other methods too
+    slg = chosen("sd35_medium", "guidance=slg")[0]  # SD3.5-medium's own skip-layer setting (sd3_infer.py)
+    assert (slg["layers"], slg["slg_scale"], slg["start"], slg["stop"], slg["skip"]) == (
+        [7, 10],
+        2.5,
+        0.01,
+        0.2,
+        "block",
+    )
+    assert chosen("flux_dev", "guidance=slg")[0]["layers"] == [14, 19]
 
 
 def test_missing_weights_and_sd3_on_a_dual_transformer_are_clear_errors(medium, tmp_path):
@@ -203,3 +213,25 @@ def test_missing_weights_and_sd3_on_a_dual_transformer_are_clear_errors(medium, 
         load_sd35(str(tmp_path / "nowhere"), variant="medium")
     with pytest.raises(ValueError, match=r"blocks \[0, 1, 2, 3\] have SD3.5's extra .* model=sd35_medium"):
         SD3Denoiser(medium)
+
+
+def test_skip_layer_guidance_skips_whole_blocks_per_row_as_diffusers_skip_layers(medium, model):
+    """SLG's SkipBlock on SD3.5 (both attentions of a dual block included): for the skipped rows the same as the
+    transformer's own `skip_layers` (the pipeline's skip_guidance_layers path), bit for bit; other rows untouched."""
+    from erg.attention import SkipBlock
+    from erg.flow import from_diffusers_velocity, to_diffusers_sigma
+
+    enc = model.encode(PROMPTS)
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([0.4, 0.4])
+    skipped = [2, 3, 6]
+    with torch.no_grad():
+        plain = model(x, t, enc["context"], enc["pooled"])
+        ours = model(
+            x, t, enc["context"], enc["pooled"], plan=AttentionPlan((Rule(SkipBlock(), skipped, slice(0, 1)),))
+        )
+        theirs = medium.transformer(hidden_states=x, timestep=to_diffusers_sigma(t) * 1000, skip_layers=skipped,
+                                    encoder_hidden_states=enc["context"], pooled_projections=enc["pooled"],
+                                    return_dict=False)[0]  # fmt: skip
+    assert torch.equal(ours[0], from_diffusers_velocity(theirs)[0]) and torch.equal(ours[1], plain[1])
+    assert (ours[0] - plain[0]).abs().max() > 1e-3 and model.supports_block_skip
+    assert not any(b._forward_hooks for b in medium.transformer.transformer_blocks)  # the skip hooks are gone
