@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 EXTRAS ?= all
 
-.PHONY: quickstart quickstart-t2i test test-slow lint format clean-venv
+.PHONY: quickstart quickstart-t2i docs-images test test-slow bench-gpu bench-cpu lint format clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,13 @@ quickstart: $(VENV)/.installed
 quickstart-t2i: $(VENV)/.installed
 	$(PY) scripts/quickstart_t2i.py
 
+## The README's pictures (docs/images/): both quickstarts (resumable: a rerun only copies), then their
+## method grid, Pareto plot and text-to-image grid, downsized. scripts/docs_images.py
+docs-images: $(VENV)/.installed
+	$(PY) scripts/quickstart.py
+	$(PY) scripts/quickstart_t2i.py
+	$(PY) scripts/docs_images.py
+
 ## The default test suite (fast, CPU); CI runs exactly this through .ci/run.
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
@@ -29,6 +36,19 @@ test: $(VENV)/.installed
 ## Longer checks that are not part of the default run.
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
+
+## Every GPU figure in one budgeted run (scripts/benchmark_all.py): docs/benchmarks/<gpu>.md and .json.
+## Needs no virtual environment (a GPU machine may have only torch and the wheels of
+## ../shared/device/prepare.sh): it uses $(VENV)'s python if there is one, else python3.
+BENCH_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+BENCH_BUDGET ?= 380
+BENCH_OUT ?= docs/benchmarks
+bench-gpu:
+	$(BENCH_PYTHON) scripts/benchmark_all.py --budget-s $(BENCH_BUDGET) --out $(BENCH_OUT)
+
+## The same stages with tiny sizes on the CPU (the rehearsal the default tests run), into runs/bench-cpu.
+bench-cpu:
+	$(BENCH_PYTHON) scripts/benchmark_all.py --preset cpu --budget-s 600 --out runs/bench-cpu
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

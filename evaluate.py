@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -24,21 +23,26 @@ from omegaconf import DictConfig
 log = logging.getLogger("erg.eval")
 
 
+WRITES = "out=<file> (metrics.json), cache_dir=<folder> (reference statistics)"  # named in errors
+
+
 @hydra.main(config_path="configs", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
-    from eval.evaluate import run
-    from models.runtime import ConfigError
+    from eval.evaluate import MetricsWriteError, run
+    from models.cli import reported
 
-    try:
-        record = run(cfg)
-    except (ConfigError, FileNotFoundError) as err:
-        log.error("%s", err)
-        print(f"\nerror: {err}", file=sys.stderr)
-        sys.exit(2)
+    with reported(cfg, writes=WRITES):
+        try:
+            record = run(cfg)
+        except MetricsWriteError as err:  # the numbers are not lost: printed, then the one-line error
+            print(json.dumps(err.record["metrics"], indent=2))
+            raise
     print(json.dumps(record["metrics"], indent=2))
     print(f"metrics written to {record['path']}")
     return record
 
 
 if __name__ == "__main__":
-    main()
+    from models.cli import run_hydra
+
+    run_hydra(main, writes=WRITES)

@@ -12,7 +12,6 @@ Everything is assembled in models/generation.py; this file only parses the confi
 from __future__ import annotations
 
 import logging
-import sys
 
 import hydra
 from omegaconf import DictConfig
@@ -20,17 +19,16 @@ from omegaconf import DictConfig
 log = logging.getLogger("erg.sample")
 
 
+WRITES = "out_dir=<folder>"  # where sample.py writes (named in errors)
+
+
 @hydra.main(config_path="configs", config_name="sample", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
+    from models.cli import reported
     from models.generation import run
-    from models.runtime import ConfigError
 
-    try:
+    with reported(cfg, writes=WRITES):
         summary = run(cfg)
-    except (ConfigError, FileNotFoundError) as err:
-        log.error("%s", err)
-        print(f"\nerror: {err}", file=sys.stderr)
-        sys.exit(2)
     log.info("done: %s", summary)
     if "grid" in summary:
         print(f"\nGrid of {summary['methods']} written to {summary['grid']}")
@@ -47,4 +45,6 @@ def main(cfg: DictConfig) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    from models.cli import run_hydra
+
+    run_hydra(main, writes=WRITES)

@@ -18,20 +18,20 @@ from omegaconf import DictConfig
 log = logging.getLogger("erg.train")
 
 
+WRITES = "run_dir=<folder> (or name=<run> for runs/<run>)"  # where train.py writes (named in errors)
+
+
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
-    from models.runtime import ConfigError
+    from models.cli import reported
     from models.training import run
 
-    try:
-        summary = run(cfg)
-    except (ConfigError, FileNotFoundError) as err:
-        log.error("%s", err)
-        print(f"\nerror: {err}", file=sys.stderr)
-        sys.exit(2)
-    except FloatingPointError as err:
-        print(f"\nerror: {err}", file=sys.stderr)
-        sys.exit(1)
+    with reported(cfg, writes=WRITES):
+        try:
+            summary = run(cfg)
+        except FloatingPointError as err:  # diverged: the message names the step (not a config problem)
+            print(f"\nerror: {err}", file=sys.stderr)
+            sys.exit(1)
     log.info("done: %s", summary)
     print(
         f"\nTrained to step {summary['step']} (train loss {summary['train_loss']}, val loss {summary['val_loss']}).\n"
@@ -41,4 +41,6 @@ def main(cfg: DictConfig) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    from models.cli import run_hydra
+
+    run_hydra(main, writes=WRITES)

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.sampling import InfiniteBatchSampler
 
-__all__ = ["FlowDataModule", "collate_dicts"]
+__all__ = ["DataErrorLog", "FlowDataModule", "collate_dicts"]
 
 
 def collate_dicts(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -41,6 +41,8 @@ def collate_dicts(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 class FlowDataModule(L.LightningDataModule):
     """Base class: subclasses set `self.train_set` / `self.val_set` (map-style) in `setup`."""
+
+    collate = staticmethod(collate_dicts)  # items -> batch (subclasses may add e.g. skipped-file counts)
 
     def __init__(
         self,
@@ -103,7 +105,7 @@ class FlowDataModule(L.LightningDataModule):
             self.train_set,
             batch_sampler=sampler,
             num_workers=self.num_workers,
-            collate_fn=collate_dicts,
+            collate_fn=self.collate,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )
@@ -118,5 +120,39 @@ class FlowDataModule(L.LightningDataModule):
             batch_size=self.val_batch_size,
             shuffle=False,
             num_workers=self.num_workers,
-            collate_fn=collate_dicts,
+            collate_fn=self.collate,
         )
+
+
+# --- logging skipped data --------------------------------------------------------------------------
+class DataErrorLog(L.Callback):
+    """Logs `data/skipped_shards` and `data/skipped_samples` every `log_every_n_steps`, from what each
+    batch carries in `batch["data_errors"]` = (stream id, names of the shards it skipped, number of
+    samples it skipped so far); costs one small all-reduce per log step.
+
+    A broken shard counts once per rank however often a resampled stream (or several DataLoader
+    workers) draws it; the ranks' counts are summed (ranks read disjoint shards). Skipped samples
+    are summed over the streams (a worker's epoch is a stream)."""
+
+    def __init__(self) -> None:
+        self.bad_shards: set[str] = set()
+        self.samples: dict[str, int] = {}
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:  # fmt: skip
+        errors = batch.get("data_errors") if isinstance(batch, dict) else None
+        if errors is None:
+            return
+        stream_id, shards, samples = errors
+        self.bad_shards.update(shards)
+        self.samples[str(stream_id)] = int(samples)
+        every = max(trainer.log_every_n_steps, 1)
+        if trainer.global_step % every == 0:  # the same steps on every rank (a collective follows)
+            local = torch.tensor(self.totals(), dtype=torch.float32, device=pl_module.device)
+            total = trainer.strategy.reduce(local, reduce_op="sum")
+            pl_module.log("data/skipped_shards", total[0], rank_zero_only=True)
+            pl_module.log("data/skipped_samples", total[1], rank_zero_only=True)
+
+    def totals(self) -> tuple[int, int]:
+        """This rank's totals (distinct shards, samples)."""
+        return len(self.bad_shards), sum(self.samples.values())

@@ -5,23 +5,40 @@
       dog/ ...
 
 Images are centre-cropped and resized as ADM/DiT do (`center_crop_arr`), optionally flipped, and
-scaled to [-1, 1]. A fixed, seeded fraction is held out for validation.
+scaled to [-1, 1]. A fixed, seeded fraction is held out for validation. An image that cannot be read
+(truncated, corrupt, not an image) is skipped with a warning naming the file and counted, as broken
+shards are (`data/skipped_samples` in the logs): the next readable image of the listing takes its
+place, so batches keep their size and a resumed run reads what an uninterrupted one reads.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 
-from data.base import FlowDataModule
+from data.base import DataErrorLog, FlowDataModule, collate_dicts
 from data.transforms import center_crop_arr, to_model_range
+from models.runtime import ConfigError
 
-__all__ = ["ImageFolderDataModule", "count_class_folders", "find_images"]
+__all__ = ["UNREADABLE", "ImageFolderDataModule", "count_class_folders", "find_images", "warn_unreadable"]
+
+log = logging.getLogger("erg.data")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# What PIL raises for a file it cannot read: truncated or corrupt data, or not an image at all
+# (UnidentifiedImageError is an OSError; some decoders raise SyntaxError or ValueError).
+UNREADABLE = (OSError, SyntaxError, ValueError)
+MAX_CONSECUTIVE_UNREADABLE = 100
+
+
+def warn_unreadable(path: Path, err: BaseException, skipped: int) -> None:
+    """The warning for a skipped image file: the file, why, and how many were skipped so far."""
+    log.warning("skipped unreadable image %s (%s: %s); %d skipped so far", path, type(err).__name__, err, skipped)
 
 
 def _check_root(root: str | Path) -> Path:
@@ -38,7 +55,7 @@ def find_images(root: str | Path) -> tuple[list[tuple[Path, int]], list[str]]:
     path = _check_root(root)
     classes = sorted(d.name for d in path.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not classes:
-        raise ValueError(f"{path} has no class sub-folders: put each class's images in its own folder")
+        raise ConfigError(f"{path} has no class sub-folders: put each class's images in its own folder")
     samples = [
         (f, c)
         for c, name in enumerate(classes)
@@ -46,7 +63,7 @@ def find_images(root: str | Path) -> tuple[list[tuple[Path, int]], list[str]]:
         if f.suffix.lower() in IMAGE_EXTENSIONS
     ]
     if not samples:
-        raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
+        raise ConfigError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
     return samples, classes
 
 
@@ -56,26 +73,55 @@ def count_class_folders(root: str) -> int:
 
 
 class ImageFolderDataset(Dataset):
+    """Items {"x", "y", "skipped"}: "skipped" counts the unreadable files this copy of the dataset (one
+    per DataLoader worker) has skipped so far, for `collate_counted`."""
+
     def __init__(self, samples: list[tuple[Path, int]], image_size: int, channels: int, random_flip: bool):
         self.samples = samples
         self.image_size = image_size
         self.mode = {1: "L", 3: "RGB"}[channels]
         self.random_flip = random_flip
+        self.skipped = 0
+        self._warned: set[Path] = set()
 
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        path, label = self.samples[i]
-        with Image.open(path) as img:
-            arr = center_crop_arr(img.convert(self.mode), self.image_size)
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        for offset in range(MAX_CONSECUTIVE_UNREADABLE):  # an unreadable file: the next one stands in
+            path, label = self.samples[(i + offset) % len(self.samples)]
+            try:
+                with Image.open(path) as img:
+                    arr = center_crop_arr(img.convert(self.mode), self.image_size)
+                break
+            except UNREADABLE as err:
+                self.skipped += 1
+                if path not in self._warned:
+                    self._warned.add(path)
+                    warn_unreadable(path, err, self.skipped)
+        else:
+            raise RuntimeError(
+                f"{MAX_CONSECUTIVE_UNREADABLE} unreadable images in a row (last: {path}): check data.root"
+            )
         x = to_model_range(arr)
         if self.random_flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
-        return {"x": x, "y": torch.tensor(label)}
+        return {"x": x, "y": torch.tensor(label), "skipped": self.skipped}
+
+
+def collate_counted(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """collate_dicts + `data_errors` in the shards' convention (data.base.DataErrorLog): this worker's
+    skipped files so far."""
+    skipped = max(item.pop("skipped", 0) for item in items)
+    batch = collate_dicts(items)
+    info = get_worker_info()
+    batch["data_errors"] = (f"imagefolder.{info.id if info is not None else 0}", (), skipped)
+    return batch
 
 
 class ImageFolderDataModule(FlowDataModule):
+    collate = staticmethod(collate_counted)
+
     def __init__(
         self,
         root: str,
@@ -120,3 +166,6 @@ class ImageFolderDataModule(FlowDataModule):
         train = [self.samples[i] for i in sorted(perm[n_val:])]
         self.train_set = ImageFolderDataset(train, self.image_size, self.channels, self.random_flip)
         self.val_set = ImageFolderDataset(val or train[:1], self.image_size, self.channels, random_flip=False)
+
+    def callbacks(self) -> list[Any]:
+        return [DataErrorLog()]  # data/skipped_samples: unreadable images

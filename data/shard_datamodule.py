@@ -11,8 +11,8 @@ Training reads an endless stream of resampled shards per rank (`data.shards.Trai
 epoch counted in steps. `global_batch_size` states the recipe's batch (e.g. DiT's 256) and derives
 the per-GPU batch from the number of GPUs, nodes and accumulation steps.
 
-Skipped shards and samples are counted in every batch and logged by `DataErrorLog`
-(`data/skipped_shards`, `data/skipped_samples`, summed over ranks and workers).
+Skipped shards and samples are counted in every batch and logged by `data.base.DataErrorLog`
+(`data/skipped_shards`: distinct broken shards; `data/skipped_samples`; summed over ranks and workers).
 """
 
 from __future__ import annotations
@@ -21,14 +21,13 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from data.base import FlowDataModule
+from data.base import DataErrorLog, FlowDataModule
 from data.shard_decode import SampleDecoder
 from data.shards import DataConfigError, EvalStream, TrainStream, expand_urls
 from data.text_embeddings import read_manifest, resolve_folder
@@ -233,31 +232,3 @@ def _check_latents_info(urls: list[str], autoencoder: Autoencoder, channels: int
                 f"the latent shards in {folder} were made with another autoencoder or size ({'; '.join(mismatch)}): "
                 "point data.autoencoder at the one named in latents.json, or re-run scripts/precompute_latents.py"
             )
-
-
-# --- logging skipped data --------------------------------------------------------------------------
-class DataErrorLog(L.Callback):
-    """Logs `data/skipped_shards` and `data/skipped_samples` (totals over workers and ranks) every
-    `log_every_n_steps`, from the counts each batch carries; costs one small all-reduce per log step."""
-
-    def __init__(self) -> None:
-        self.latest: dict[str, tuple[int, int]] = {}
-
-    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
-                           batch_idx: int) -> None:  # fmt: skip
-        errors = batch.get("data_errors") if isinstance(batch, dict) else None
-        if errors is None:
-            return
-        stream_id, shards, samples = errors
-        self.latest[stream_id] = (int(shards), int(samples))
-        every = max(trainer.log_every_n_steps, 1)
-        if trainer.global_step % every == 0:  # the same steps on every rank (a collective follows)
-            local = torch.tensor([sum(v[0] for v in self.latest.values()), sum(v[1] for v in self.latest.values())],
-                                 dtype=torch.float32, device=pl_module.device)  # fmt: skip
-            total = trainer.strategy.reduce(local, reduce_op="sum")
-            pl_module.log("data/skipped_shards", total[0], rank_zero_only=True)
-            pl_module.log("data/skipped_samples", total[1], rank_zero_only=True)
-
-    def totals(self) -> tuple[int, int]:
-        """This rank's totals (shards, samples)."""
-        return sum(v[0] for v in self.latest.values()), sum(v[1] for v in self.latest.values())

@@ -23,6 +23,7 @@ from typing import Any
 import webdataset as wds
 
 from models.io import atomic_write_text
+from models.runtime import ConfigError
 
 __all__ = ["check_manifest", "write_shard"]
 
@@ -70,7 +71,7 @@ def check_manifest(path: str | Path, plan: dict[str, Any]) -> None:
         old = json.loads(path.read_text())
         if old != plan:
             changed = sorted(k for k in set(old) | set(plan) if old.get(k) != plan.get(k))
-            raise ValueError(
+            raise ConfigError(
                 f"{path} describes a different run (changed: {', '.join(changed)}). These shards were written "
                 "from other inputs or settings: write to a new output folder, or delete the folder to start over"
             )

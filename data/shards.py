@@ -17,7 +17,7 @@ resumed run reads the data with the same statistics as an uninterrupted run.
 
 Errors. Unreadable shards (missing, truncated, not a tar) and undecodable samples are skipped with
 a warning and counted; the counts travel with every batch (`batch["data_errors"]`) so the training
-loop can log them (`data.shard_datamodule.DataErrorLog`). A stream that hits many errors in a row
+loop can log them (`data.base.DataErrorLog`). A stream that hits many errors in a row
 with no good sample between them stops with an error naming the last one instead of spinning.
 `DataConfigError` (data that does not match the config, e.g. latent shape) is raised at once.
 """
@@ -44,8 +44,10 @@ from models.runtime import ConfigError
 __all__ = [
     "DataConfigError",
     "EvalStream",
+    "SampleError",
     "SkipCounter",
     "TrainStream",
+    "bad_sample",
     "expand_urls",
     "rank_share",
     "stream_seed",
@@ -63,13 +65,14 @@ def _is_local(url: str) -> bool:
     return not url.startswith("pipe:") and "://" not in url
 
 
-def expand_urls(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+def expand_urls(spec: str | list[str] | tuple[str, ...], key: str = "data.shards") -> list[str]:
     """Shard URLs from a brace pattern (`/data/train-{000000..000099}.tar`), a list of patterns, a
     `::`-separated string, a local folder (its *.tar files), a local glob, or `pipe:` commands
     (`pipe:aws s3 cp s3://bucket/train-000000.tar -`). Local shards must exist: if none does, this
-    raises; missing ones among existing ones are named in a warning (and skipped when drawn)."""
+    raises; missing ones among existing ones are named in a warning (and skipped when drawn). `key`:
+    the setting the shards came from, named in errors (a script's option, e.g. --shards)."""
     if spec is None or (isinstance(spec, str) and not spec.strip()):
-        raise DataConfigError("no shards given: set data.shards (a brace pattern, a folder of .tar, or a list)")
+        raise DataConfigError(f"no shards given: set {key} (a brace pattern, a folder of .tar, or a list)")
     patterns = [spec] if isinstance(spec, str) else [str(s) for s in spec]
     urls: list[str] = []
     for pattern in patterns:
@@ -81,13 +84,14 @@ def expand_urls(spec: str | list[str] | tuple[str, ...]) -> list[str]:
             else:
                 urls.append(os.path.expanduser(url) if _is_local(url) else url)
     if not urls:
-        raise DataConfigError(f"no shards match {spec!r}")
+        raise DataConfigError(f"{key}={spec}: no shards match (a brace pattern, a folder of .tar, or a list)")
     local = [u for u in urls if _is_local(u)]
     missing = [u for u in local if not Path(u).is_file()]
     if local and len(missing) == len(local):
         raise FileNotFoundError(
-            f"none of the {len(local)} shard file(s) of {spec!r} exists (first: {missing[0]}). Check data.shards "
-            "(or the environment variable the experiment reads it from); scripts/make_shards.py writes shards"
+            f"none of the {len(local)} shard file(s) of {key}={spec} exists (first: {missing[0]}). Check {key}"
+            + (" (or the environment variable the experiment reads it from)" if key == "data.shards" else "")
+            + "; scripts/make_shards.py writes shards"
         )
     if missing:
         log.warning("%d of %d shards do not exist and will be skipped, e.g. %s", len(missing), len(urls), missing[0])
@@ -125,35 +129,44 @@ def _worker() -> tuple[int, int]:
 
 
 # --- skipped data ----------------------------------------------------------------------------------
+class SampleError(ValueError):
+    """A sample that could not be decoded, named by its shard and key (the decoder's error as the cause)."""
+
+
 class SkipCounter:
     """webdataset error handlers that warn, count and continue (`shard_error` for tar reading,
-    `sample_error` for decoding). Raises after `max_consecutive` errors with no good sample between."""
+    `sample_error` for decoding). Warnings name the shard (and the sample's key); `bad_shards` holds
+    each broken shard once however often a resampled stream draws it. Raises after `max_consecutive`
+    errors with no good sample between."""
 
     def __init__(self, max_consecutive: int = 1000, where: str = ""):
-        self.shards = 0
+        self.bad_shards: set[str] = set()
         self.samples = 0
         self.consecutive = 0
         self.max_consecutive = max_consecutive
         self.where = where
+        self._warned = 0
+        self._seen: set[str] = set()
+
+    @property
+    def shards(self) -> int:
+        """Distinct shards skipped (in whole or in part)."""
+        return len(self.bad_shards)
 
     def good(self) -> None:
         self.consecutive = 0
 
-    def _count(self, exn: BaseException, what: str) -> bool:
+    def _count(self, exn: BaseException, what: str, why: str, new: bool) -> bool:
         self.consecutive += 1
-        n = self.shards + self.samples
-        if n <= 10 or n % 100 == 0:
+        if new and (self._warned < 10 or (self.shards + self.samples) % 100 == 0):
+            self._warned += 1
             log.warning(
                 "%sskipped %s (%d shard(s), %d sample(s) skipped so far): %s",
-                self.where,
-                what,
-                self.shards,
-                self.samples,
-                _describe(exn),
-            )
+                self.where, what, self.shards, self.samples, why,
+            )  # fmt: skip
         if self.consecutive >= self.max_consecutive:
             raise RuntimeError(
-                f"{self.consecutive} data errors in a row without one readable sample; last: {_describe(exn)}. "
+                f"{self.consecutive} data errors in a row without one readable sample; last: {what}: {why}. "
                 "Check data.shards and the data format"
             ) from exn
         return True
@@ -161,19 +174,38 @@ class SkipCounter:
     def shard_error(self, exn: BaseException) -> bool:
         if isinstance(exn, DataConfigError):
             raise exn
-        self.shards += 1
-        return self._count(exn, "a shard (or its rest)")
+        url = _url_of(exn) or f"<unnamed shard {len(self.bad_shards) + 1}>"
+        new = url not in self.bad_shards
+        self.bad_shards.add(url)
+        return self._count(exn, f"shard {url} (or its rest)", _describe(exn, drop=url), new)
 
     def sample_error(self, exn: BaseException) -> bool:
         if isinstance(exn, DataConfigError):
             raise exn
         self.samples += 1
-        return self._count(exn, "a sample")
+        why = _describe(exn)
+        new = why not in self._seen  # a resampled stream meets the same bad sample again: warned once
+        self._seen.add(why)
+        return self._count(exn, "a sample", why, new)
 
 
-def _describe(exn: BaseException) -> str:
-    parts = [str(a) for a in exn.args if isinstance(a, str | int | float)]
-    return f"{type(exn).__name__}: {' | '.join(parts)}"
+def bad_sample(sample: dict[str, Any], exn: BaseException) -> SampleError:
+    """The error to count for a sample that could not be decoded: its key and shard, and why."""
+    where = f"sample {sample.get('__key__')} of {sample.get('__url__', 'an unnamed shard')}"
+    return SampleError(f"{where}: {_describe(exn)}")
+
+
+def _url_of(exn: BaseException) -> str | None:
+    """The shard webdataset names in a reading error (it appends the URL to the exception's args)."""
+    return next((a for a in reversed(exn.args) if isinstance(a, str) and (".tar" in a or "/" in a)), None)
+
+
+def _describe(exn: BaseException, drop: str | None = None) -> str:
+    """`Type: message` with what names nothing left out (object reprs such as <_io.BytesIO object at 0x..>)."""
+    from models.cli import strip_addresses
+
+    parts = [strip_addresses(str(a)) for a in exn.args if isinstance(a, str | int | float) and a != drop]
+    return f"{type(exn).__name__}: {' | '.join(p for p in parts if p)}"
 
 
 # --- batches ---------------------------------------------------------------------------------------
@@ -190,14 +222,20 @@ def _collate(samples: list[dict[str, Any]], counter: SkipCounter, stream_id: str
             name: {k: torch.stack([s["text_encodings"][name][k] for s in samples]) for k in parts}
             for name, parts in samples[0]["text_encodings"].items()
         }
-    # Cumulative counts of this stream (plain ints: logging them needs no device sync).
-    batch["data_errors"] = (stream_id, counter.shards, counter.samples)
+    # What this stream skipped so far: the broken shards by name (counted once per rank however often
+    # they are drawn) and the number of skipped samples (plain Python values: logging needs no device sync).
+    batch["data_errors"] = (stream_id, tuple(sorted(counter.bad_shards)), counter.samples)
     return batch
 
 
 def _decode_counted(decoder: Callable[..., dict[str, Any]], counter: SkipCounter, **kwargs: Any):
     def run(sample: dict[str, Any]) -> dict[str, Any]:
-        out = decoder(sample, **kwargs)
+        try:
+            out = decoder(sample, **kwargs)
+        except DataConfigError:
+            raise
+        except Exception as exn:  # name the sample and its shard in the warning
+            raise bad_sample(sample, exn) from exn
         counter.good()
         return out
 

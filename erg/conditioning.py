@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from erg.guidance.base import NULL, RECTIFIED, Condition
+from erg.guidance.base import NULL, RECTIFIED, Condition, TextTemperature
 from erg.text_attention import AttentionTemperature, EncoderLayout
 
 __all__ = ["ClassLabels", "Conditioning", "Prompts", "Unconditional", "conditioning_for"]
@@ -101,6 +101,21 @@ class Prompts(Conditioning):
         self.encoders = {k: v if isinstance(v, tuple) else (v, None) for k, v in encoders.items()}
         self.noisable = tuple(noisable)
         self._null = null or (lambda n: encode([""] * n))
+
+    def check(self, text: TextTemperature) -> None:
+        """C-ERG's encoders and layer ranges against this model's text encoders, before any sampling
+        (the hooks are only built, not installed)."""
+        for name, layers in text.layers:
+            if name not in self.encoders:
+                raise ValueError(
+                    f"guidance.text.layers names text encoder {name!r}; this model's encoders are "
+                    f"{sorted(self.encoders)}: key guidance.text.layers by those names"
+                )
+            module, layout = self.encoders[name]
+            try:
+                AttentionTemperature(module, text.tau, layers, layout, name=name)
+            except ValueError as err:
+                raise ValueError(f"guidance.text.layers.{name}={list(layers)}: {err}") from err
 
     def encode(self, conditions: Any, condition: Condition) -> dict[str, Tensor]:
         prompts = list(conditions)

@@ -142,6 +142,9 @@ class GuidedSampler:
                         f"but {type(model).__name__} does not apply erg.attention.skip_blocks; use "
                         "guidance.skip=attention (the attention map replaced by the identity) on this model"
                     )
+            check_text = getattr(self.conditionings[b.model], "check", None)
+            if b.condition.text is not None and check_text is not None:  # C-ERG layers: now, not mid-run
+                check_text(b.condition.text)
             if b.condition.noise is not None:
                 keys = b.condition.noise.keys or self.conditionings[b.model].noisable
                 if not keys:

@@ -20,7 +20,17 @@ from omegaconf import DictConfig, OmegaConf
 from eval.preprocess import Protocol
 from eval.records import METRICS_FILE, write_record
 from eval.sources import DatasetSource, ImageSource, open_source
-from models.runtime import ConfigError, check_kwargs, check_missing, register_resolvers, target_of
+from models.runtime import (
+    ConfigError,
+    check_device,
+    check_keys,
+    check_kwargs,
+    check_missing,
+    check_top_level,
+    check_value,
+    register_resolvers,
+    target_of,
+)
 
 log = logging.getLogger("erg.eval")
 
@@ -32,8 +42,17 @@ TOP_LEVEL_KEYS = {
     "batch_size", "num_workers", "device", "cache_dir", "out", "logger", "name", "run_dir", "seed", "progress",
     "hydra",
 }  # fmt: skip
+NESTED_KEYS = {"reference": ("path", "split"), "protocol": ("mode", "size"), "prdc": ("k", "chunk_size")}
 
-__all__ = ["IMAGE_METRICS", "TEXT_METRICS", "output_path", "run", "settings_digest", "validate"]
+__all__ = ["IMAGE_METRICS", "TEXT_METRICS", "MetricsWriteError", "output_path", "run", "settings_digest", "validate"]
+
+
+class MetricsWriteError(ConfigError):
+    """metrics.json could not be written; `record` holds the computed numbers (evaluate.py prints them)."""
+
+    def __init__(self, message: str, record: dict[str, Any]):
+        super().__init__(message)
+        self.record = record
 
 
 # --- config ----------------------------------------------------------------------------------------
@@ -41,9 +60,16 @@ def validate(cfg: DictConfig) -> list[str]:
     """Check the config before anything heavy runs; returns the requested metrics."""
     register_resolvers()
     check_missing(cfg)
-    unknown = [k for k in cfg if k not in TOP_LEVEL_KEYS]
-    if unknown:
-        raise ConfigError(f"unknown top-level config key(s): {unknown}; valid: {sorted(TOP_LEVEL_KEYS)}")
+    check_top_level(cfg, TOP_LEVEL_KEYS)
+    for node, keys in NESTED_KEYS.items():  # plain groups (no _target_ to read their keys from)
+        check_keys(cfg.get(node), keys, node)
+    for key in ("batch_size", "prdc.k", "prdc.chunk_size"):
+        check_value(OmegaConf.select(cfg, key), key, int, minimum=1)
+    check_value(cfg.num_workers, "num_workers", int, minimum=0)
+    check_value(cfg.seed, "seed", int)
+    check_value(cfg.protocol.size, "protocol.size", int, minimum=1, allow_none=True)
+    if isinstance(cfg.metrics, str):
+        raise ConfigError(f"metrics must be a list, e.g. metrics=[{cfg.metrics}], got {cfg.metrics!r}")
     metrics = list(cfg.metrics)
     bad = [m for m in metrics if m not in IMAGE_METRICS + TEXT_METRICS]
     if bad or not metrics:
@@ -66,8 +92,6 @@ def validate(cfg: DictConfig) -> list[str]:
         raise ConfigError(f"reference.split must be val, train or all, got {cfg.reference.split!r}")
     if cfg.fid_method not in ("sqrtm", "eigh"):
         raise ConfigError(f"fid_method must be sqrtm or eigh, got {cfg.fid_method!r}")
-    if cfg.batch_size < 1 or cfg.prdc.k < 1 or cfg.prdc.chunk_size < 1:
-        raise ConfigError("batch_size, prdc.k and prdc.chunk_size must be >= 1")
     try:
         Protocol(cfg.protocol.mode, cfg.protocol.size)
     except ValueError as err:
@@ -117,9 +141,7 @@ def settings_digest(cfg: DictConfig) -> str:
 def _device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={name} but no CUDA device is visible; use device=cpu or device=auto")
-    return torch.device(name)
+    return check_device(name)
 
 
 def output_path(samples: str | Path, out: str | None) -> Path:
@@ -269,6 +291,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             values[name] = value
             protocols[name] = scorers[name].identity
 
+    skipped = [str(p) for p in getattr(samples, "skipped", [])]  # unreadable files of an image folder
+    if skipped:
+        log.warning("%d unreadable image(s) of %s were skipped (named above)", len(skipped), cfg.samples)
+        extra["skipped_images"] = skipped
     record = {
         "metrics": values,
         "protocols": protocols,
@@ -279,7 +305,15 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "settings": settings_digest(cfg),
         **extra,
     }
-    write_record(out_path, record)
+    try:
+        write_record(out_path, record)
+    except OSError as err:  # e.g. samples in a read-only folder: the numbers must not be lost
+        reason = f"{err.strerror}: {err.filename}" if err.strerror and err.filename else (err.strerror or repr(err))
+        raise MetricsWriteError(
+            f"could not write {out_path} ({reason}); the metrics are printed above. Write them elsewhere "
+            "with out=<file>, e.g. out=metrics/run.metrics.json",
+            record,
+        ) from err
     _log(cfg, values, out_path)
     record["path"] = str(out_path)
     return record

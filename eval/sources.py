@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from data.imagefolder import UNREADABLE, warn_unreadable
 from data.sample_store import SampleStore
 from eval.io import npz_array_info, read_npz_batches
 from eval.preprocess import Protocol
@@ -130,16 +131,26 @@ class NpzSource(ImageSource):
 
 
 class _ImageFiles(Dataset):
+    """Item i: (i, the image as uint8 HWC) or (i, the error) for a file that cannot be read."""
+
     def __init__(self, files: list[Path], mode: str, protocol: Protocol):
         self.files, self.mode, self.protocol = files, mode, protocol
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, i: int) -> np.ndarray:
-        with Image.open(self.files[i]) as img:
-            arr = np.array(img.convert(self.mode))
-        return self.protocol.apply_one(arr[..., None] if arr.ndim == 2 else arr)
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray | BaseException]:
+        try:
+            with Image.open(self.files[i]) as img:
+                arr = np.array(img.convert(self.mode))
+        except UNREADABLE as err:  # skipped and counted by FolderSource.batches
+            return i, err
+        return i, self.protocol.apply_one(arr[..., None] if arr.ndim == 2 else arr)
+
+
+def _readable(items: list[tuple[int, np.ndarray | BaseException]]) -> tuple[list[tuple[int, np.ndarray]], list]:
+    good = [(i, a) for i, a in items if isinstance(a, np.ndarray)]
+    return good, [(i, a) for i, a in items if not isinstance(a, np.ndarray)]
 
 
 def _stack_uint8(items: list[np.ndarray]) -> np.ndarray:
@@ -164,9 +175,19 @@ class FolderSource(ImageSource):
         )
         if not self.files:
             raise ValueError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {self.root}")
-        with Image.open(self.files[0]) as img:
-            self.mode = "L" if img.mode in ("L", "1", "I;16", "I") else "RGB"
+        self.mode = self._mode()
         self.num_workers = num_workers
+        self.skipped: list[Path] = []
+
+    def _mode(self) -> str:
+        """Grey or RGB, from the first readable file."""
+        for path in self.files:
+            try:
+                with Image.open(path) as img:
+                    return "L" if img.mode in ("L", "1", "I;16", "I") else "RGB"
+            except UNREADABLE:
+                continue
+        raise ValueError(f"none of the {len(self.files)} image files under {self.root} can be read")
 
     def __len__(self) -> int:
         return len(self.files)
@@ -179,17 +200,21 @@ class FolderSource(ImageSource):
         return _digest(str(self.root.resolve()), [(str(p.relative_to(self.root)), _stat(p)) for p in self.files])
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
+        """Images in file order; a file that cannot be read is skipped with a warning naming it and
+        counted in `self.skipped` (the evaluation then has that many fewer images)."""
         loader = DataLoader(
             _ImageFiles(self.files, self.mode, self.protocol),
             batch_size=batch_size,
             num_workers=self.num_workers,
-            collate_fn=_stack_uint8,
+            collate_fn=_readable,
         )
-        start = 0
-        for images in loader:
-            paths = self.files[start : start + len(images)]
-            yield images, [{"index": start + i, "path": str(p)} for i, p in enumerate(paths)]
-            start += len(images)
+        self.skipped = []
+        for good, bad in loader:
+            for i, err in bad:
+                self.skipped.append(self.files[i])
+                warn_unreadable(self.files[i], err, len(self.skipped))
+            if good:
+                yield _stack_uint8([a for _, a in good]), [{"index": i, "path": str(self.files[i])} for i, _ in good]
 
 
 class DatasetSource(ImageSource):

@@ -46,7 +46,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from data.sample_store import SampleStore
 from eval.records import METRICS_FILE, read_records
-from models.runtime import ConfigError, check_missing
+from models.runtime import ConfigError, check_missing, composition_error
 
 log = logging.getLogger("erg.sweep")
 
@@ -203,8 +203,8 @@ def compose(config_name: str, overrides: list[str], what: str) -> DictConfig:
             return hydra_compose(config_name=config_name, overrides=overrides)
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             return hydra_compose(config_name=config_name, overrides=overrides)
-    except Exception as err:  # Hydra's composition errors name the bad override
-        raise ConfigError(f"{what}: {err}\n  overrides: {' '.join(overrides)}") from err
+    except Exception as err:  # a misspelled key: named with its closest match, as on the command line
+        raise ConfigError(f"{what}: {composition_error(err)} (overrides: {' '.join(overrides)})") from err
 
 
 def _container(node: Any) -> Any:

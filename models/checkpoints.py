@@ -11,6 +11,9 @@ Everything is read with `torch.load(weights_only=True)`: no code from a checkpoi
 from __future__ import annotations
 
 import argparse
+import math
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,37 +21,65 @@ import torch
 from torch import Tensor, nn
 
 from models.dit import DiT, dit_preset
+from models.runtime import ConfigError
 
-__all__ = ["build_dit", "load_into", "read_checkpoint", "read_state_dict"]
+__all__ = ["build_dit", "describe_mismatch", "load_into", "read_checkpoint", "read_state_dict", "state_dict_sizes"]
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file safely (no pickled code). Raises a clear error for a missing file."""
+def read_checkpoint(path: str | Path, what: str = "checkpoint", mmap: bool = False) -> dict[str, Any]:
+    """Load a checkpoint file safely (no pickled code). `what` is the config key or option that named
+    the file: every error says which setting to fix (a missing file, a file that is not a checkpoint,
+    a pickle refused because it holds Python objects). mmap: map the tensors instead of reading them
+    (a resume only needs the step and config of a checkpoint that may hold tens of GB)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint file not found: {path} (check model.checkpoint / ckpt paths)")
+        raise FileNotFoundError(f"{what}={path}: checkpoint file not found (check the path)")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        try:
+            return load_file(str(path))
+        except Exception as err:
+            raise ConfigError(f"{what}={path} is not a readable .safetensors file ({_first_line(err)}): "
+                              "a truncated copy? Copy it again or name another file") from err  # fmt: skip
     # DiT/SiT training checkpoints store their argparse options next to the weights.
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pragma: no cover - depends on the file
-            raise RuntimeError(
-                f"could not read {path} as a weights-only checkpoint ({err}). Convert it to a plain "
-                "state dict or a .safetensors file."
-            ) from err
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        except pickle.UnpicklingError as err:
+            refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+            if refused:  # a pickle of Python objects (not garbage: that fails otherwise)
+                name = refused.group(1)
+                raise ConfigError(
+                    f"{what}={path} was refused: it pickles {name}, and unpickling it would run code from the "
+                    "file; checkpoints are read as weights only (tensors, numbers, strings). Re-save its weights "
+                    "where it was made, as a plain state dict (torch.save(model.state_dict(), ...)) or as "
+                    ".safetensors"
+                ) from err
+            raise _unreadable(path, what, err) from err
+        except Exception as err:
+            raise _unreadable(path, what, err) from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+def _unreadable(path: Path, what: str, err: BaseException) -> ConfigError:
+    return ConfigError(
+        f"{what}={path} is not a readable checkpoint ({_first_line(err)}): a truncated or unfinished copy, or "
+        "not a PyTorch / .safetensors file. Copy it again or name another checkpoint"
+    )
 
 
 def _strip(prefix: str, sd: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
-def read_state_dict(path: str | Path, prefer_ema: bool = True) -> dict[str, Tensor]:
+def read_state_dict(path: str | Path, prefer_ema: bool = True, what: str = "checkpoint") -> dict[str, Tensor]:
     """The model state dict stored in `path`, in the DiT/SiT key layout."""
-    ckpt = read_checkpoint(path)
+    ckpt = read_checkpoint(path, what)
     if "state_dict" in ckpt and isinstance(ckpt["state_dict"], dict):  # this repo (Lightning)
         sd = ckpt["state_dict"]
         order = ("ema.", "model.") if prefer_ema else ("model.", "ema.")
@@ -66,15 +97,65 @@ def read_state_dict(path: str | Path, prefer_ema: bool = True) -> dict[str, Tens
     return ckpt
 
 
-def load_into(model: nn.Module, path: str | Path, prefer_ema: bool = True, describe: str = "") -> nn.Module:
-    """Load the weights of `path` into `model` with strict=True, explaining a mismatch."""
-    sd = read_state_dict(path, prefer_ema=prefer_ema)
+def state_dict_sizes(sd: dict[str, Tensor]) -> dict[str, int]:
+    """The config sizes a DiT / MMDiT state dict implies (what a user sets: depth, hidden_size, ...),
+    read from the shapes of the layers both families share; keys a family lacks are left out."""
+    sizes: dict[str, int] = {}
+    blocks = {k.split(".")[1] for k in sd if k.startswith("blocks.") and k.split(".")[1].isdigit()}
+    if blocks:
+        sizes["depth"] = len(blocks)
+    proj = sd.get("x_embedder.proj.weight")
+    if proj is not None and proj.ndim == 4:
+        sizes["hidden_size"], sizes["in_channels"], sizes["patch_size"] = (int(d) for d in proj.shape[:3])
+        pos = sd.get("pos_embed")
+        if pos is not None and pos.ndim == 3:
+            sizes["input_size"] = round(math.sqrt(pos.shape[1])) * sizes["patch_size"]
+        final = sd.get("final_layer.linear.weight")
+        if final is not None:
+            sizes["out_channels"] = int(final.shape[0]) // sizes["patch_size"] ** 2
+    table = sd.get("y_embedder.embedding_table.weight")
+    if table is not None:
+        sizes["num_classes"] = int(table.shape[0]) - 1  # the last row is the null class
+    for key, name in (("context_embedder.weight", "context_dim"), ("y_embedder.mlp.0.weight", "pooled_dim")):
+        if key in sd:
+            sizes[name] = int(sd[key].shape[1])
+    return sizes
+
+
+def describe_mismatch(model_sd: dict[str, Tensor], ckpt_sd: dict[str, Tensor]) -> str:
+    """Which sizes differ between a checkpoint and a model ("depth 2 in the checkpoint vs 4 in the
+    model, ..."), or, for another architecture, which weights do not match."""
+    ours, theirs = state_dict_sizes(model_sd), state_dict_sizes(ckpt_sd)
+    differ = [k for k in ours if k in theirs and theirs[k] != ours[k]]
+    sizes = [f"{k} {theirs[k]} in the checkpoint vs {ours[k]} in the model" for k in differ]
+    if sizes:
+        return "sizes differ: " + ", ".join(sizes)
+    shapes = [f"{k} {list(ckpt_sd[k].shape)} in the checkpoint vs {list(v.shape)}" for k, v in model_sd.items()
+              if k in ckpt_sd and ckpt_sd[k].shape != v.shape]  # fmt: skip
+    missing = [k for k in model_sd if k not in ckpt_sd]
+    unexpected = [k for k in ckpt_sd if k not in model_sd]
+    parts = []
+    if shapes:
+        parts.append(f"{len(shapes)} weight(s) of other shapes, e.g. {'; '.join(shapes[:2])}")
+    if missing:
+        parts.append(f"{len(missing)} weight(s) of the model missing from the checkpoint, e.g. {missing[0]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} weight(s) of the checkpoint the model lacks, e.g. {unexpected[0]}")
+    return "; ".join(parts) or "the weights do not match"
+
+
+def load_into(
+    model: nn.Module, path: str | Path, prefer_ema: bool = True, describe: str = "", what: str = "checkpoint"
+) -> nn.Module:
+    """Load the weights of `path` into `model` with strict=True; a mismatch says which sizes differ."""
+    sd = read_state_dict(path, prefer_ema=prefer_ema, what=what)
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as err:
-        raise RuntimeError(
-            f"checkpoint {path} does not fit the configured model {describe}. Check the model config "
-            f"(architecture, input size, channels, num_classes, learn_sigma) against the checkpoint.\n{err}"
+        mismatch = describe_mismatch(model.state_dict(), sd)
+        raise ConfigError(
+            f"{what}={path} does not fit the configured model {describe}: {mismatch}. Set the model config to the "
+            "checkpoint's sizes, or name a checkpoint of this model"
         ) from err
     return model
 
@@ -97,7 +178,7 @@ def build_dit(
         raise ValueError(f"model config needs `arch` (e.g. DiT-XL/2) or explicit {missing}")
     model = DiT(**params)
     if checkpoint:
-        load_into(model, checkpoint, prefer_ema=prefer_ema, describe=f"{arch or 'DiT'} {params}")
+        load_into(model, checkpoint, prefer_ema, arch or "DiT", what="model.checkpoint")
     return model
 
 

@@ -26,7 +26,19 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from models.runtime import ConfigError, build_dataclass, check_kwargs, check_missing, flat_diff, target_of
+from models.runtime import (
+    ConfigError,
+    build_dataclass,
+    check_device,
+    check_keys,
+    check_kwargs,
+    check_missing,
+    check_top_level,
+    check_value,
+    composition_error,
+    flat_diff,
+    target_of,
+)
 
 log = logging.getLogger("erg.sample")
 
@@ -40,6 +52,7 @@ IDENTITY_KEYS = (
     "checkpoint", "model", "data", "autoencoder", "text_encoder", "guidance", "sampler", "classes", "per_class",
     "prompts", "per_prompt", "num_samples", "seed", "format", "shard_size",
 )  # fmt: skip
+GRID_KEYS = ("methods", "per_row", "classes", "path")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
@@ -50,9 +63,8 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     from erg.sampler import SamplerConfig
 
     check_missing(cfg)
-    unknown = [k for k in cfg if k not in TOP_LEVEL_KEYS]
-    if unknown:
-        raise ConfigError(f"unknown top-level config key(s): {unknown}; valid: {sorted(TOP_LEVEL_KEYS)}")
+    check_top_level(cfg, TOP_LEVEL_KEYS)
+    check_keys(cfg.get("grid"), GRID_KEYS, "grid")
     try:
         container = OmegaConf.to_container(cfg, resolve=True)
     except Exception as err:
@@ -80,8 +92,10 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     if container["format"] not in ("npz", "png"):
         raise ConfigError(f"format must be 'npz' (ADM layout) or 'png', got {container['format']!r}")
     for key in ("batch_size", "shard_size", "per_class", "per_prompt"):
-        if not (isinstance(container[key], int) and container[key] >= 1):
-            raise ConfigError(f"{key} must be an integer >= 1, got {container[key]!r}")
+        check_value(container[key], key, int, minimum=1)
+    check_value(container.get("num_samples"), "num_samples", int, minimum=1, allow_none=True)  # null: the default
+    check_value(container["seed"], "seed", int)
+    check_value(container["grid"]["per_row"], "grid.per_row", int, minimum=1)
     if container.get("prompts") and container.get("classes") not in (None, "all"):
         raise ConfigError("give either classes=... or prompts=..., not both")
     return container
@@ -103,13 +117,16 @@ def _instantiate_model(model_cfg: dict[str, Any]) -> torch.nn.Module:
         raise
 
 
-def load_model(container: dict[str, Any], path: str | None = None) -> tuple[torch.nn.Module, dict[str, Any]]:
+def load_model(
+    container: dict[str, Any], path: str | None = None, what: str = "checkpoint"
+) -> tuple[torch.nn.Module, dict[str, Any]]:
     """The model to sample (EMA weights), and what is known about it: {"model": the model config it
     was built from, "autoencoder": the autoencoder config it was trained with (latent data) or None,
     "text_encoder": the text encoder config it was trained with (text-to-image) or None}.
 
     `path` (AutoGuidance's weak checkpoint) is read like `checkpoint`: a checkpoint of this repo
     brings its own config; any other file (DiT/SiT release) gets the main model's architecture.
+    `what` is the config key that named the file (errors name it).
     """
     from models.checkpoints import load_into, read_checkpoint
 
@@ -123,7 +140,7 @@ def load_model(container: dict[str, Any], path: str | None = None) -> tuple[torc
     path = path or container.get("checkpoint")
     autoencoder = text_encoder = None
     if path:
-        ckpt = read_checkpoint(path)
+        ckpt = read_checkpoint(path, what)
         stored = ckpt.get("config") if isinstance(ckpt, dict) else None
         if isinstance(stored, dict) and isinstance(stored.get("data"), dict):
             autoencoder = stored["data"].get("autoencoder")
@@ -135,13 +152,14 @@ def load_model(container: dict[str, Any], path: str | None = None) -> tuple[torc
             model_cfg = dict(container["model"])
         else:
             raise ConfigError(
-                f"{path} carries no model config (not a checkpoint of this repo): also give model=<config> "
+                f"{what}={path} carries no model config (not a checkpoint of this repo): also give model=<config> "
                 "(e.g. model=sit_xl2) so the architecture is known"
             )
         del ckpt
         model_cfg["checkpoint"] = None  # weights come from `path` below, not from a training init
         model = _instantiate_model(model_cfg)
-        load_into(model, path, prefer_ema=True, describe=str(model_cfg.get("_target_")))
+        described = str(model_cfg.get("arch") or model_cfg.get("_target_"))
+        load_into(model, path, prefer_ema=True, describe=described, what=what)
         model_cfg["checkpoint"] = str(path)
     else:
         model_cfg = dict(container["model"])
@@ -218,9 +236,7 @@ class Conditions:
             path = Path(container["prompts"]).expanduser()
             if not path.is_file():
                 raise ConfigError(f"prompts={path}: no such file (one prompt per line)")
-            self.prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-            if not self.prompts:
-                raise ConfigError(f"prompts={path} holds no prompts")
+            self.prompts = read_prompts(path)
             self.per = container["per_prompt"]
             default_n = len(self.prompts) * self.per
         elif text:
@@ -246,7 +262,7 @@ class Conditions:
                 raise ConfigError("this model is unconditional: drop classes=...")
             self.per = 1
             default_n = None
-        n = container.get("num_samples") or default_n
+        n = container.get("num_samples") if container.get("num_samples") is not None else default_n
         if not n or n < 1:
             hint = " (a text-to-image model without prompts=... samples the empty prompt)" if text else ""
             raise ConfigError(f"this model is unconditional{hint}: set num_samples=N")
@@ -272,6 +288,28 @@ class Conditions:
         return out
 
 
+def read_prompts(path: Path) -> list[str]:
+    """The prompts of a prompt file, one per line: prompt i is line i + 1, so that indices match the
+    file's line numbers (and files made beside it, e.g. COCO's pairs.jsonl). Blank lines are refused
+    rather than dropped (every later prompt would shift) or sampled as the empty prompt (unconditional
+    samples by accident); blank lines at the very end are ignored."""
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise ConfigError(f"prompts={path} holds no prompts (one prompt per line)")
+    blank = [i + 1 for i, line in enumerate(lines) if not line]
+    if blank:
+        shown = ", ".join(map(str, blank[:5])) + (f" (+{len(blank) - 5} more)" if len(blank) > 5 else "")
+        raise ConfigError(
+            f"prompts={path}: line(s) {shown} are blank. Prompt k is line k + 1 of the file (sample i takes prompt "
+            "i // per_prompt), so a blank line is refused rather than skipped (later prompts would shift) or "
+            "sampled as the empty prompt: remove the blank lines (unconditional samples: drop prompts=, set "
+            "num_samples=N)"
+        )
+    return lines
+
+
 def rank_and_world(container: dict[str, Any]) -> tuple[int, int]:
     """This process' rank: explicit rank/world_size, else torchrun's or SLURM's environment, else 0 of 1."""
     if container.get("rank") is not None or container.get("world_size") is not None:
@@ -290,7 +328,7 @@ def rank_and_world(container: dict[str, Any]) -> tuple[int, int]:
 def pick_device(container: dict[str, Any]) -> torch.device:
     name = container.get("device") or "auto"
     if name != "auto":
-        return torch.device(name)
+        return check_device(name)
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
         return torch.device("cuda", local % torch.cuda.device_count())
@@ -313,15 +351,71 @@ def build_conditioning(container: dict[str, Any], device: torch.device, info: di
     return prompts_conditioning(instantiate(config).to(device))
 
 
+# What a weak model must share with the main one to guide it (AutoGuidance: a smaller or earlier model
+# of the same data): the input it denoises, the velocity it predicts, the conditions it takes.
+SHARED_SIZES = ("in_channels", "input_size", "out_channels", "num_classes", "context_dim", "pooled_dim")
+
+
+def check_weak_model(weak: torch.nn.Module, main: torch.nn.Module, path: str) -> None:
+    """AutoGuidance's weak model must fit the main one (depth and width may differ, the data may not)."""
+    differ = [
+        f"{k} {getattr(weak, k, None)} (weak) vs {getattr(main, k, None)} (main)"
+        for k in SHARED_SIZES
+        if getattr(weak, k, None) != getattr(main, k, None)
+    ]
+    if differ:
+        raise ConfigError(
+            f"guidance.checkpoint={path}: AutoGuidance's weak model does not fit the main model ({', '.join(differ)}). "
+            "The weak model must be a smaller or earlier model trained on the same data (same input size, channels "
+            "and conditions), e.g. an earlier checkpoint of the same run"
+        )
+
+
+def _unconditional(model: torch.nn.Module, conditions: Conditions | None) -> bool:
+    """Whether every sample sees the same (null) condition: a model without classes or text encoders."""
+    if conditions is not None and (conditions.labels is not None or conditions.prompts is not None):
+        return False
+    return not getattr(model, "num_classes", 0) and not callable(getattr(model, "conditioning", None))
+
+
+def check_guidance_has_effect(guidance: Any, unconditional: bool) -> None:
+    """Refuse a guidance whose extra branches differ from the positive one only by the condition, on a
+    model without conditions: every branch would give the same prediction, so it would cost NFE forwards
+    and change nothing (CFG, APG, C-ERG alone on an unconditional model)."""
+    if not unconditional:
+        return
+    pos = guidance.branch("pos")
+    same = [
+        b.name for b in guidance.branches
+        if b.name != "pos" and b.model == pos.model and b.perturbation is None and not b.capture
+        and b.input is None and b.condition.noise is None
+    ]  # fmt: skip
+    if same and len(same) == len(guidance.branches) - 1:
+        raise ConfigError(
+            f"guidance={guidance.name} contrasts the condition with the null condition, but this model is "
+            f"unconditional: its branches {['pos', *same]} would all give the same prediction, {guidance.nfe} "
+            "forwards per step for nothing. Use guidance=none, or a guidance that perturbs the model (i_erg, erg, "
+            "pag, seg, sag, autoguidance)"
+        )
+
+
 def build_sampler(container: dict[str, Any], guidance_cfg: dict[str, Any], model: torch.nn.Module,
-                  conditioning: Any = None) -> Any:  # fmt: skip
+                  conditioning: Any = None, conditions: Conditions | None = None) -> Any:  # fmt: skip
+    """The guided sampler, every check done before any sampling: the guidance's layers against the model,
+    C-ERG's encoders, AutoGuidance's weak model, and a guidance that would change nothing."""
     from erg.guidance import build_guidance
     from erg.sampler import GuidedSampler, SamplerConfig
 
     guidance = build_guidance(guidance_cfg)
+    check_guidance_has_effect(guidance, conditioning is None and _unconditional(model, conditions))
     models = {"main": model}
     if "weak" in guidance.models:
-        weak, _ = load_model(container, path=guidance_cfg["checkpoint"])
+        path = guidance_cfg["checkpoint"]
+        try:
+            weak, _ = load_model(container, path=path, what="guidance.checkpoint")
+        except ConfigError as err:
+            raise ConfigError(f"AutoGuidance's weak model: {err}") from err
+        check_weak_model(weak, model, path)
         models["weak"] = weak.to(next(model.parameters()).device)
     conditionings = {name: conditioning for name in models} if conditioning is not None else None
     try:
@@ -387,7 +481,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     model = model.to(device)
     conditioning = build_conditioning(container, device, info)
     conditions = Conditions(container, model, text=conditioning is not None or None)
-    sampler = build_sampler(container, container["guidance"], model, conditioning)
+    sampler = build_sampler(container, container["guidance"], model, conditioning, conditions)
     decode = build_decoder(container, device, info)
 
     out_dir = Path(container["out_dir"]).expanduser()
@@ -448,8 +542,8 @@ def compose_guidance(entry: str, model: str | None = None) -> tuple[str, dict[st
         else:
             with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
                 cfg = compose(config_name="sample", overrides=overrides)
-    except Exception as err:
-        raise ConfigError(f"grid entry {entry!r}: {err}") from err
+    except Exception as err:  # a misspelled key: named with its closest match, as on the command line
+        raise ConfigError(f"grid entry {entry!r}: {composition_error(err)}") from err
     return entry, OmegaConf.to_container(cfg.guidance, resolve=True)
 
 
@@ -461,6 +555,8 @@ def run_grid(container: dict[str, Any], model_choice: str | None = None) -> dict
     from models.io import image_grid, label_font, save_image, text_width
 
     grid_cfg = container["grid"]
+    # every entry checked before any work, with the chosen model's presets
+    entries = [compose_guidance(entry, model=model_choice) for entry in grid_cfg["methods"]]
     device = pick_device(container)
     model, info = load_model(container)
     model = model.to(device)
@@ -475,10 +571,14 @@ def run_grid(container: dict[str, Any], model_choice: str | None = None) -> dict
     else:
         classes = grid_cfg.get("classes") or (list(range(num_classes)) if num_classes else None)
         labels = [classes[j % len(classes)] for j in range(n)] if classes else None
+    samplers = []
+    for label, guidance_cfg in entries:  # every row's layers, encoders and weak model checked before any sampling
+        try:
+            samplers.append((label, build_sampler(container, guidance_cfg, model, conditioning)))
+        except ConfigError as err:
+            raise ConfigError(f"grid entry {label!r}: {err}") from err
     rows, names = [], []
-    for entry in grid_cfg["methods"]:
-        label, guidance_cfg = compose_guidance(entry, model=model_choice)
-        sampler = build_sampler(container, guidance_cfg, model, conditioning)
+    for label, sampler in samplers:
         x = sampler.sample_indices(range(n), labels, base_seed=container["seed"])
         rows.append(decode(x).float().cpu())
         names.append(label)

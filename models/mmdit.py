@@ -383,7 +383,7 @@ def build_mmdit(
         raise ValueError(f"model config needs `arch` (e.g. MMDiT-B/2) or explicit {missing}")
     model = MMDiT(**params)
     if checkpoint:
-        load_into(model, checkpoint, prefer_ema=prefer_ema, describe=f"{arch or 'MMDiT'} {params}")
+        load_into(model, checkpoint, prefer_ema, arch or "MMDiT", what="model.checkpoint")
     return model
 
 

@@ -21,8 +21,14 @@ from models.io import atomic_write_text
 __all__ = [
     "ConfigError",
     "build_dataclass",
+    "check_device",
+    "check_keys",
     "check_kwargs",
     "check_missing",
+    "check_top_level",
+    "check_types",
+    "check_value",
+    "composition_error",
     "find_resume_checkpoint",
     "flat_diff",
     "register_resolvers",
@@ -91,27 +97,86 @@ def _allowed_keys(target: Callable[..., Any]) -> set[str] | None:
     return None
 
 
-def _unknown_key_error(unknown: list[str], allowed: set[str], path: str) -> ConfigError:
+def _unknown_key_error(unknown: list[str], allowed: set[str] | list[str], path: str) -> ConfigError:
+    """`unknown config key(s): optim.lrr (did you mean optim.lr?)...`; path "" is the top level."""
+    dotted = (lambda k: f"{path}.{k}") if path else str
     hints = []
     for key in unknown:
-        close = difflib.get_close_matches(key, sorted(allowed), n=1)
-        hints.append(f"{path}.{key}" + (f" (did you mean {path}.{close[0]}?)" if close else ""))
-    return ConfigError(f"unknown config key(s): {', '.join(hints)}. Valid keys of {path}: {', '.join(sorted(allowed))}")
+        close = difflib.get_close_matches(str(key), sorted(map(str, allowed)), n=1)
+        hints.append(dotted(key) + (f" (did you mean {dotted(close[0])}?)" if close else ""))
+    where = f"of {path}" if path else "at the top level"
+    return ConfigError(
+        f"unknown config key(s): {', '.join(hints)}. Valid keys {where}: {', '.join(sorted(map(str, allowed)))}"
+    )
+
+
+def check_top_level(cfg: DictConfig, allowed: set[str]) -> None:
+    """Unknown top-level keys (added with `+key=...`) named with a close match."""
+    unknown = [k for k in cfg if k not in allowed]
+    if unknown:
+        raise _unknown_key_error(unknown, allowed - {"hydra"}, "")
+
+
+def check_keys(node: DictConfig | dict | None, allowed: tuple[str, ...] | set[str], path: str) -> None:
+    """Unknown keys of a plain config node (no `_target_` to read them from), named with a close match."""
+    unknown = [k for k in (node or {}) if k not in allowed]
+    if unknown:
+        raise _unknown_key_error(unknown, set(allowed), path)
+
+
+def composition_error(err: Exception) -> ConfigError:
+    """One actionable line for what Hydra raises while composing a config from the command line.
+
+    A misspelled key (`optim.lrr=0.1`, no `+`) is named with the closest existing key; Hydra's own
+    message would advise appending the typo with `+`, which silently adds a key nothing reads."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError
+
+    cause = err.__cause__
+    if isinstance(cause, ConfigAttributeError | ConfigKeyError) and "Could not override" in str(err):
+        full_key = str(getattr(cause, "full_key", None) or getattr(cause, "key", ""))
+        parent = getattr(cause, "parent_node", None)
+        path, _, key = full_key.rpartition(".")
+        allowed = [str(k) for k in parent] if hasattr(parent, "keys") else []
+        message = str(_unknown_key_error([key], set(allowed) - {"hydra"}, path))
+        if not difflib.get_close_matches(key, allowed, n=1):  # not a typo of an existing key: say how to add one
+            message += ". To add a key the config does not list on purpose, prefix it with +"
+        return ConfigError(message)
+    if isinstance(err, MissingConfigException) and err.options:
+        missing = str(err.missing_cfg_file or "")
+        group, _, name = missing.rpartition("/")
+        close = difflib.get_close_matches(name, list(err.options), n=1)
+        hint = f" (did you mean {group}={close[0]}?)" if close else ""
+        return ConfigError(
+            f"{group}={name}: no config configs/{missing}.yaml{hint}. Options of {group}: {', '.join(err.options)}"
+        )
+    if isinstance(err, OverrideParseException):
+        return ConfigError(
+            f"cannot parse the command-line override {err.override!r}: {err.message.splitlines()[0]}. Quote values "
+            "with spaces, commas or brackets, e.g. 'grid.methods=[cfg,\"erg scale=2\"]'"
+        )
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    if cause is not None and str(cause) and str(cause) not in text:
+        text += ": " + " ".join(line.strip() for line in str(cause).splitlines() if line.strip())
+    return ConfigError(text)
 
 
 def check_kwargs(node: DictConfig | dict, target: Callable[..., Any], path: str, ignore: tuple[str, ...] = ()) -> None:
-    """Raise a ConfigError naming keys of `node` that `target` does not accept."""
+    """Raise a ConfigError naming keys of `node` that `target` does not accept, or values of the wrong
+    type for its annotated parameters (`trainer.max_steps=abc`: Lightning would fail deep inside)."""
     allowed = _allowed_keys(target)
-    if allowed is None:
-        return
     keys = [k for k in node if not str(k).startswith("_") and k not in ignore]
-    unknown = [k for k in keys if k not in allowed]
-    if unknown:
-        raise _unknown_key_error(unknown, allowed, path)
+    if allowed is not None:
+        unknown = [k for k in keys if k not in allowed]
+        if unknown:
+            raise _unknown_key_error(unknown, allowed, path)
+    check_types(node, _parameter_types(target), path, keys)
 
 
 def build_dataclass(cls: type, node: DictConfig | dict | None, path: str) -> Any:
     """Instantiate a config dataclass, turning unknown keys and bad values into ConfigErrors."""
+    import typing
+
     assert is_dataclass(cls)
     values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
     allowed = {f.name for f in fields(cls)}
@@ -119,9 +184,127 @@ def build_dataclass(cls: type, node: DictConfig | dict | None, path: str) -> Any
     if unknown:
         raise _unknown_key_error(unknown, allowed, path)
     try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that does not evaluate: no type checks
+        hints = {}
+    check_types(values, hints, path, list(values))
+    try:
         return cls(**values)
     except (TypeError, ValueError) as err:
         raise ConfigError(str(err)) from err
+
+
+# --- value types -------------------------------------------------------------------------------------
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+
+
+def _plain_types(annotation: Any) -> tuple[type, ...] | None:
+    """The plain types an annotation allows (int, float, bool, str, None), or None if it allows others
+    too (lists, objects, literals: not checked here)."""
+    import types
+    import typing
+
+    if annotation is None or annotation is type(None):
+        return (type(None),)
+    if annotation in (int, float, bool, str):
+        return (annotation,)
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        out: tuple[type, ...] = ()
+        for arg in typing.get_args(annotation):
+            plain = _plain_types(arg)
+            if plain is None:
+                return None
+            out += plain
+        return out
+    return None
+
+
+def type_problem(value: Any, annotation: Any) -> str | None:
+    """'must be an integer, got 'abc'' when `value` does not fit a plain annotation, else None."""
+    allowed = _plain_types(annotation)
+    if allowed is None:
+        return None
+    if value is None:
+        ok = type(None) in allowed
+    elif isinstance(value, bool):
+        ok = bool in allowed
+    elif isinstance(value, int):
+        ok = int in allowed or float in allowed
+    elif isinstance(value, float):
+        ok = float in allowed
+    elif isinstance(value, str):
+        ok = str in allowed
+    else:
+        ok = False
+    if ok:
+        return None
+    return f"must be {' or '.join(_TYPE_NAMES[t] for t in allowed)}, got {value!r}"
+
+
+def check_types(node: DictConfig | dict, hints: dict[str, Any], path: str, keys: list[Any]) -> None:
+    """ConfigError for the first of `keys` whose value does not fit its annotation in `hints`."""
+    for key in keys:
+        if key not in hints:
+            continue
+        try:
+            value = node[key]
+            if OmegaConf.is_config(value):
+                continue  # lists / sub-configs: not plain values
+        except Exception:  # an interpolation that does not resolve yet: checked where it is used
+            continue
+        problem = type_problem(value, hints[key])
+        if problem:
+            example = {int: "1000", float: "0.5", bool: "true", str: "name"}.get(_plain_types(hints[key])[0], "...")
+            raise ConfigError(f"{path}.{key} {problem} (e.g. {path}.{key}={example})")
+
+
+def check_value(value: Any, key: str, kind: type = int, minimum: float | None = None, allow_none: bool = False) -> None:
+    """A setting that must be an integer (kind int) or a number (kind float) >= minimum, or null if allowed."""
+    if value is None and allow_none:
+        return
+    numeric = isinstance(value, int | float) and not isinstance(value, bool)
+    fits = numeric and (kind is float or isinstance(value, int))
+    if not fits or (minimum is not None and value < minimum):
+        what = "an integer" if kind is int else "a number"
+        bound = f" >= {minimum:g}" if minimum is not None else ""
+        alt = " (or null)" if allow_none else ""
+        raise ConfigError(f"{key} must be {what}{bound}{alt}, got {value!r}")
+
+
+def check_device(name: Any, key: str = "device") -> Any:
+    """torch.device(name), or a ConfigError naming `key` for a device that does not exist here
+    (`device=cuda` on a machine without a visible GPU, a typo like `cdua`)."""
+    import torch
+
+    try:
+        device = torch.device(str(name))
+    except RuntimeError as err:
+        raise ConfigError(f"{key}={name}: not a device torch knows ({err}); use cpu, cuda or cuda:<index>") from err
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"{key}={name} but no CUDA device is visible on this machine: use {key}=cpu (or auto)")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"{key}={name} but only {count} CUDA device(s) are visible (cuda:0..cuda:{count - 1})")
+    return device
+
+
+def _parameter_types(target: Callable[..., Any]) -> dict[str, Any]:
+    """Annotations of the keyword arguments `target` accepts (following `forwards_to`, like the keys)."""
+    import typing
+
+    hints: dict[str, Any] = {}
+    while target is not None:
+        fn = target.__init__ if isinstance(target, type) else target
+        try:
+            found = typing.get_type_hints(inspect.unwrap(fn))
+        except Exception:  # annotations that do not evaluate here: no type checks for them
+            found = {}
+        for name, hint in found.items():
+            hints.setdefault(name, hint)
+        target = getattr(target, "forwards_to", None)
+    hints.pop("return", None)
+    return hints
 
 
 def target_of(node: DictConfig) -> Callable[..., Any]:

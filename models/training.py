@@ -14,6 +14,8 @@ from models.runtime import (
     build_dataclass,
     check_kwargs,
     check_missing,
+    check_top_level,
+    check_value,
     find_resume_checkpoint,
     flat_diff,
     register_resolvers,
@@ -40,9 +42,7 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
 
     register_resolvers()
     check_missing(cfg)
-    unknown = [k for k in cfg if k not in TOP_LEVEL_KEYS]
-    if unknown:
-        raise ConfigError(f"unknown top-level config key(s): {unknown}; valid: {sorted(TOP_LEVEL_KEYS)}")
+    check_top_level(cfg, TOP_LEVEL_KEYS)
     try:
         container = OmegaConf.to_container(cfg, resolve=True)
     except Exception as err:  # interpolation / resolver errors carry the useful message
@@ -50,6 +50,9 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     check_kwargs(cfg.data, target_of(cfg.data), "data")
     check_kwargs(cfg.model, target_of(cfg.model), "model")
     check_kwargs(cfg.trainer, L.Trainer.__init__, "trainer", ignore=("logger", "callbacks"))
+    check_value(container["seed"], "seed", int)
+    check_value(container["nan_check_every"], "nan_check_every", int, minimum=1)
+    check_value(container["progress_refresh_rate"], "progress_refresh_rate", int, minimum=0)
     if cfg.get("logger"):
         check_kwargs(cfg.logger, target_of(cfg.logger), "logger")
     for key, cls in (("flow", FlowConfig), ("optim", OptimConfig), ("ema", EMAConfig)):
@@ -59,6 +62,18 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
     _check_text_setup(cfg)
     container.pop("hydra", None)
     return container
+
+
+def _check_accelerator(trainer: dict[str, Any]) -> None:
+    """trainer=gpu / ddp / fsdp / multinode on a machine without a visible GPU: say so before Lightning does."""
+    import torch
+
+    accelerator = str(trainer.get("accelerator", "auto")).lower()
+    if accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(
+            f"trainer.accelerator={accelerator} but no CUDA device is visible on this machine: use trainer=cpu "
+            "(or trainer.accelerator=cpu; DDP on CPU: trainer=ddp trainer.accelerator=cpu trainer.devices=2)"
+        )
 
 
 def _check_text_setup(cfg: DictConfig) -> None:
@@ -139,9 +154,9 @@ def build_callbacks(cfg: DictConfig, run_dir: Path) -> list[Any]:
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Train; returns a summary (run dir, last checkpoint, final step)."""
     container = validate(cfg)
+    _check_accelerator(container["trainer"])  # here, not in validate: configs may be checked on a login node
 
     import lightning as L
-    import torch
     from hydra.utils import instantiate
 
     # The EMA copy is deliberately in eval mode; Lightning's generic warning about it is noise.
@@ -152,15 +167,16 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     run_dir = Path(cfg.run_dir).resolve()
     ckpt_path = find_resume_checkpoint(run_dir, cfg.resume)
-    resume_step = None
+    resume_step = saved = None
     if ckpt_path is not None:
-        saved = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        from models.checkpoints import read_checkpoint
+
+        saved = read_checkpoint(ckpt_path, what="resume", mmap=True)  # a broken file: one line naming it
         resume_step = saved.get("global_step")
         changed = flat_diff(saved.get("config") or {}, container)
         log.info("resuming %s from %s (step %s)", run_dir, ckpt_path, resume_step)
         if changed:
             log.warning("config differs from the checkpoint's:\n  %s", "\n  ".join(changed))
-        del saved
     save_resolved_config(container, run_dir, resume_step)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
@@ -178,6 +194,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         config=container,
         text_encoder=text_encoder,
     )
+    if saved is not None:
+        _check_resume_fits(module, saved, ckpt_path)
+        del saved
     loggers = [instantiate(cfg.logger)] if cfg.get("logger") else False
     trainer = L.Trainer(
         # nested `_target_` nodes (e.g. trainer.strategy for FSDP) become objects
@@ -199,6 +218,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "val_loss": _metric(trainer, "val/loss"),
     }
     return summary
+
+
+def _check_resume_fits(module: Any, saved: dict[str, Any], path: Path) -> None:
+    """The checkpoint to resume holds weights of this model's sizes; else say which sizes differ (a
+    run folder reused with other model settings) instead of Lightning's wall of mismatched keys."""
+    from models.checkpoints import describe_mismatch
+
+    stored = saved.get("state_dict") or {}
+    ours = module.state_dict()
+    if set(stored) == set(ours) and all(stored[k].shape == v.shape for k, v in ours.items()):
+        return
+    strip = lambda sd: {k[len("model.") :]: v for k, v in sd.items() if k.startswith("model.")}
+    mismatch = describe_mismatch(strip(ours), strip(stored))
+    raise ConfigError(
+        f"resume: {path} holds another model than the configured one ({mismatch}). "
+        "This run folder was trained with other model settings: use name=<new name> for a new run, or the model "
+        "settings of its config.yaml to continue it"
+    )
 
 
 def _instantiate_data(node: DictConfig) -> Any:

@@ -16,16 +16,19 @@ Table 7's C-ERG ranges apply; their cost is a small part of a run), and a thin V
 For each method (sample.py's configs with the family's presets: erg = Table 7's SD3 row scaled to the model) one
 untimed run (warm-up), then `--repeats` timed runs of the full sampler from prompts to latents (encoding
 included, no decode). Reported: NFE per step, transformer forwards per step and rows per forward (counted),
-img/s, ms per step, peak memory, ERG / CFG wall time. `bench(family, size, budget_s=...)` is the callable stage
-(scripts/benchmark_all.py): a method whose run would not fit the remaining budget is skipped with a line.
+img/s, ms per step, peak memory, ERG / CFG wall time. `run(DiffusersBench(...), device, budget, report)` is the
+stage scripts/benchmark_all.py calls (`diffusers`): a method whose runs would not fit the budget is skipped with
+a line.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from scripts.benchmark import setup_device, sync, write_results
+from scripts.benchmark import Budget, Report, config_from_args, guarded, setup_device, sync, write_results
 
 FAMILIES = ("sd3_medium", "sd35_large", "sd35_medium", "flux_dev", "flux_schnell")
 METHODS = ("none", "cfg", "erg", "pag", "seg")
@@ -186,11 +189,45 @@ def method_config(family: str, method: str, num_layers: int) -> dict:
     return cfg
 
 
-def _time_method(model: Any, family: str, method: str, steps: int, batch: int, repeats: int, device) -> dict:
-    from erg.guidance import build_guidance
+@dataclass(frozen=True)
+class DiffusersBench:
+    """Sizes of the diffusers benchmark. family: sd3_medium | sd35_large | sd35_medium | flux_dev | flux_schnell;
+    size: real (the release's transformer, random weights) | tiny (the tests' shapes); steps / batch_size: None
+    is the family's step count (28; SD3.5-medium 40; schnell 4) and batch 1 (real) or 2 steps, batch 2 (tiny);
+    offload: components on the CPU, one group on the device at a time; dtype: auto (bf16 on GPU) | bfloat16 |
+    float32."""
+
+    family: str = "flux_dev"
+    size: str = "real"
+    methods: tuple[str, ...] = METHODS
+    steps: int | None = None
+    batch_size: int | None = None
+    repeats: int = 1
+    offload: bool = False
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown family {self.family!r}; choose from {FAMILIES}")
+        if self.size not in SIZES:
+            raise ValueError(f"unknown size {self.size!r}; choose tiny or real")
+        if self.dtype not in ("auto", "bfloat16", "float32"):
+            raise ValueError(f"dtype must be auto, bfloat16 or float32, got {self.dtype!r}")
+
+    @property
+    def run_steps(self) -> int:
+        return self.steps or (2 if self.size == "tiny" else {"flux_schnell": 4, "sd35_medium": 40}.get(self.family, 28))
+
+    @property
+    def run_batch(self) -> int:
+        return self.batch_size or (2 if self.size == "tiny" else 1)
+
+
+def _time_method(cfg: DiffusersBench, model: Any, method: str, guidance: Any, device: torch.device) -> dict:
+    """One method: a warm-up run, then the best of `cfg.repeats` runs; the transformer's forwards counted."""
     from erg.sampler import GuidedSampler, SamplerConfig
 
-    guidance = build_guidance(method_config(family, method, model.num_attention_layers))
+    steps, batch = cfg.run_steps, cfg.run_batch
     sampler = GuidedSampler(guidance, model, config=SamplerConfig(steps=steps, schedule="pipeline"))
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
     rows: list[int] = []
@@ -206,7 +243,7 @@ def _time_method(model: Any, family: str, method: str, steps: int, batch: int, r
         warmup_s = time.perf_counter() - t0
         forwards = len(rows)
         times = []
-        for _ in range(repeats):
+        for _ in range(cfg.repeats):
             t0 = time.perf_counter()
             sampler.sample_indices(range(batch), prompts)
             sync(device)
@@ -228,103 +265,98 @@ def _time_method(model: Any, family: str, method: str, steps: int, batch: int, r
     }
 
 
+def run(cfg: DiffusersBench, device: str = "cuda", budget: Budget | None = None, report: Report | None = None,
+        ) -> list[dict]:  # fmt: skip
+    """Every method of `cfg` that fits `budget`, in order (cfg and erg first: their ratio is the target). The
+    estimate for a method: 1 + repeats runs at the last measured run time (scaled by NFE); the first method is
+    started whatever its cost (nothing is known before it). Each row also says the model's size."""
+    from erg.guidance import build_guidance
+
+    dev, _ = setup_device(device)
+    budget = budget or Budget()
+    torch_dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
+                   "float32": torch.float32}[cfg.dtype]  # fmt: skip
+    model = build_model(cfg.family, cfg.size, dev, torch_dtype, offload=cfg.offload)
+    about = {"family": cfg.family, "size": cfg.size, "dtype": str(torch_dtype).removeprefix("torch."),
+             "transformer_params_b": sum(p.numel() for p in model.transformer.parameters()) / 1e9,
+             "resolution": SIZES[cfg.size][0], "steps": cfg.run_steps, "batch_size": cfg.run_batch}  # fmt: skip
+    results: list[dict] = []
+    last: tuple[int, float] | None = None  # (NFE per step, seconds per run) of the last measured method
+    for method in cfg.methods:
+        guidance = build_guidance(method_config(cfg.family, method, model.num_attention_layers))
+        est = last[1] * guidance.nfe / last[0] if last else 0.0
+        row = {"method": method, "config": guidance.name, "nfe_per_step": guidance.nfe, **about}
+        reason = budget.skip_reason((1 + cfg.repeats) * est, f"{1 + cfg.repeats} runs at ~{est:.1f} s")
+        if reason:
+            r = {**row, "skipped": reason}
+        else:
+            r = {**about, **guarded(lambda m=method, g=guidance: _time_method(cfg, model, m, g, dev), row, dev)}
+            if "seconds" in r:
+                last = (r["nfe_per_step"], r["seconds"])
+        print(json.dumps(r), flush=True)
+        results.append(r)
+        if report:
+            report(results)
+    return results
+
+
 def ratio(results: list[dict]) -> float | None:
-    by = {r["method"]: r for r in results}
+    """ERG / CFG wall time (None until both are measured)."""
+    by = {r["method"]: r for r in results if "seconds" in r}
     return round(by["erg"]["seconds"] / by["cfg"]["seconds"], 3) if "erg" in by and "cfg" in by else None
 
 
-def bench(
-    family: str,
-    size: str = "real",
-    device: str | None = None,
-    methods: tuple[str, ...] = METHODS,
-    steps: int | None = None,
-    batch_size: int | None = None,
-    repeats: int = 1,
-    budget_s: float | None = None,
-    offload: bool = False,
-    dtype: str = "auto",
-) -> dict:
-    """One family at one size: {"device", "family", "size", "steps", "batch_size", "results", "skipped",
-    "erg_over_cfg"}. Within `budget_s` seconds (None: no limit), a method whose warm-up + timed runs (estimated
-    from the previous method) would not fit is skipped with a line, as are the ones after it."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r}; choose tiny or real")
-    start = time.perf_counter()
-    dev, device_name = setup_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    torch_dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
-                   "float32": torch.float32}[dtype]  # fmt: skip
-    model = build_model(family, size, dev, torch_dtype, offload=offload)
-    steps = steps or (2 if size == "tiny" else {"flux_schnell": 4, "sd35_medium": 40}.get(family, 28))
-    batch = batch_size or (2 if size == "tiny" else 1)
-    params = sum(p.numel() for p in model.transformer.parameters())
-    results, skipped, last = [], [], None
-    for method in methods:
-        elapsed = time.perf_counter() - start
-        if budget_s is not None and last is not None and elapsed + last > budget_s:
-            skipped.append(method)
-            print(f"skipped {family} {method}: ~{last:.0f} s would not fit the {budget_s:.0f} s budget "
-                  f"({elapsed:.0f} s used)", flush=True)  # fmt: skip
-            continue
-        t0 = time.perf_counter()
-        r = _time_method(model, family, method, steps, batch, repeats, dev)
-        last = time.perf_counter() - t0
-        print(json.dumps({"family": family, **r}), flush=True)
-        results.append(r)
-    return {
-        "device": device_name, "family": family, "size": size, "dtype": str(torch_dtype).removeprefix("torch."),
-        "offload": offload, "transformer_params_b": params / 1e9, "steps": steps, "batch_size": batch,
-        "resolution": SIZES[size][0], "repeats": repeats, "results": results, "skipped": skipped,
-        "erg_over_cfg": ratio(results), "seconds": round(time.perf_counter() - start, 1),
-    }  # fmt: skip
-
-
-def markdown(summary: dict) -> str:
-    s = summary
+def markdown(results: list[dict], cfg: DiffusersBench, device_name: str) -> str:
+    first = results[0] if results else {}
+    params = first.get("transformer_params_b")
+    what = f"a {params:.3g}B-parameter transformer" if params else "its transformer"
     lines = [
-        f"{s['family']} ({s['size']} size: a {s['transformer_params_b']:.3g}B-parameter transformer, random weights, "
-        f"{s['dtype']}{', CPU offload' if s['offload'] else ''}) at {s['resolution']}px, batch {s['batch_size']}, "
-        f"{s['steps']} Euler steps on the pipeline's grid, on **{s['device']}** (torch {torch.__version__}); best "
-        f"of {s['repeats']} timed run(s) after one warm-up run, prompt encoding included, no decoding.",
+        f"Sampling {cfg.family} ({cfg.size} size: {what}"
+        f", random weights, {first.get('dtype', cfg.dtype)}{', CPU offload' if cfg.offload else ''}) at "
+        f"{SIZES[cfg.size][0]}px, batch {cfg.run_batch}, {cfg.run_steps} Euler steps on the pipeline's grid, on "
+        f"**{device_name}** (torch {torch.__version__}); best of {cfg.repeats} timed run(s) after one warm-up run, "
+        "prompt encoding included, no decoding.",
         "",
         "| method | config | NFE / step | forwards / step | rows / forward | img/s | ms / step | peak memory (GiB) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in s["results"]:
-        mem = r["peak_mem_gib"] if r["peak_mem_gib"] is not None else "n/a"
-        cells = [r["method"], r["config"], r["nfe_per_step"], r["forwards_per_step"], r["rows_per_forward"],
-                 r["img_per_s"], r["ms_per_step"], mem]  # fmt: skip
+    for r in results:
+        if "seconds" not in r:
+            why = r.get("skipped") or r.get("error", "not measured")
+            lines.append(f"| {r['method']} | {r.get('config', '')} | {r.get('nfe_per_step', '')} | {why} |||||")
+            continue
+        keys = ("method", "config", "nfe_per_step", "forwards_per_step", "rows_per_forward", "img_per_s", "ms_per_step")
+        cells = [r.get(k, "") for k in keys] + [r.get("peak_mem_gib") or "n/a"]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    if s["erg_over_cfg"] is not None:
-        lines.append(f"\nERG / CFG wall time: {s['erg_over_cfg']} (target <= 1.05)")
-    if s["skipped"]:
-        lines.append(f"\nSkipped (time budget): {', '.join(s['skipped'])}")
+    if ratio(results) is not None:
+        lines.append(f"\nERG / CFG wall time: {ratio(results)} (target <= 1.05)")
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", default="flux_dev", choices=FAMILIES)
     p.add_argument("--size", default="real", choices=sorted(SIZES))
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--steps", type=int, default=None, help="default: the family's (28; SD3.5-medium 40; schnell 4)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 1 (real), 2 (tiny)")
     p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--budget-s", type=float, default=None)
+    p.add_argument("--budget-s", type=float, default=None, help="skip the methods that would not fit (a line each)")
     p.add_argument("--offload", action="store_true", help="components on the CPU, one group on the device at a time")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
     p.add_argument("--out", type=Path, default=None, help="write the markdown table here")
     p.add_argument("--json", type=Path, default=None, help="write the raw results here")
     args = p.parse_args(argv)
-    summary = bench(args.family, args.size, args.device, tuple(args.methods), args.steps, args.batch_size,
-                    args.repeats, args.budget_s, args.offload, args.dtype)  # fmt: skip
-    table = markdown(summary)
+    cfg = config_from_args(DiffusersBench, args)
+    results = run(cfg, args.device, Budget(args.budget_s))
+    device_name = setup_device(args.device)[1]
+    table = markdown(results, cfg, device_name)
     print(table)
+    summary = {"device": device_name, "config": dataclasses.asdict(cfg), "erg_over_cfg": ratio(results),
+               "results": results}  # fmt: skip
     write_results(args.out, args.json, table, summary)
-    return summary
+    return results
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ batching or on the number of GPUs. `latents.json` in the output folder records t
 shift, scale and shapes; the DataModule checks its config against it.
 
 Unreadable input shards are not written (a rerun retries them) and are listed at the end;
-undecodable images are skipped and counted.
+undecodable images are skipped and counted (warnings name the shard and the sample). A progress bar
+(shards, rate, ETA) shows on a terminal; `--no-progress` turns it off.
 """
 
 from __future__ import annotations
@@ -45,9 +46,11 @@ import webdataset as wds
 from data.shard_datamodule import LATENTS_INFO
 from data.shard_decode import IMAGE_MEMBERS, decode_image
 from data.shard_writer import check_manifest, write_shard
-from data.shards import SkipCounter, expand_urls
+from data.shards import SkipCounter, bad_sample, expand_urls
 from erg.sampling import sample_noise
 from models.autoencoder import Autoencoder, DiffusersVAE, IdentityAutoencoder
+from models.cli import add_progress_flag, progress, reported
+from models.runtime import ConfigError, check_device
 
 log = logging.getLogger("erg.precompute_latents")
 
@@ -64,7 +67,9 @@ def distributed_rank(rank: int | None, world_size: int | None) -> tuple[int, int
     env = os.environ
     if rank is not None or world_size is not None:
         if rank is None or world_size is None:
-            raise SystemExit("give both --rank and --world-size")
+            raise ConfigError("give both --rank and --world-size")
+        if not 0 <= rank < world_size:
+            raise ConfigError(f"--rank {rank} must be in [0, --world-size {world_size})")
         return rank, world_size, rank
     if "RANK" in env and "WORLD_SIZE" in env:
         return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
@@ -76,6 +81,14 @@ def distributed_rank(rank: int | None, world_size: int | None) -> tuple[int, int
 def load_autoencoder(args: argparse.Namespace, device: torch.device) -> Autoencoder:
     if args.autoencoder == "identity":
         return IdentityAutoencoder(channels=3)
+    folder = Path(args.autoencoder).expanduser()
+    if not folder.is_dir():
+        raise ConfigError(
+            f"--autoencoder {args.autoencoder}: no such folder (a local diffusers AutoencoderKL, e.g. sd-vae-ft-ema, "
+            "or a pipeline folder with --subfolder vae; 'identity' keeps pixels)"
+        )
+    if args.subfolder and not (folder / args.subfolder).is_dir():
+        raise ConfigError(f"--subfolder {args.subfolder}: {folder} has no such sub-folder")
     return DiffusersVAE(args.autoencoder, subfolder=args.subfolder, dtype=args.vae_dtype).to(device)
 
 
@@ -119,7 +132,7 @@ def encoded_samples(
         try:
             x = decode_image(sample, args.image_size, channels=3)
         except Exception as exn:
-            counter.sample_error(exn)
+            counter.sample_error(bad_sample(sample, exn))  # the warning names the shard and the sample
             continue
         counter.good()
         pending.append((sample, x))
@@ -147,17 +160,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default=None, help="default: cuda:<local rank> if available, else cpu")
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--world-size", type=int, default=None)
+    add_progress_flag(p)
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     rank, world, local_rank = distributed_rank(args.rank, args.world_size)
+    if args.image_size < 1 or args.batch_size < 1:
+        raise ConfigError(f"--image-size and --batch-size must be >= 1, got {args.image_size} and {args.batch_size}")
     if args.device:
-        device = torch.device(args.device)
+        device = check_device(args.device, "--device")
     else:
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    urls = expand_urls(args.shards)
+    urls = expand_urls(args.shards, key="--shards")
     ae = load_autoencoder(args, device)
     out = args.out.expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -171,12 +187,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log.info("rank %d/%d: %d of its %d shards to encode on %s", rank, world, len(todo), len(mine), device)
     counter = SkipCounter(where=f"[rank {rank}] ")
     failed, written = [], 0
-    for url in todo:
+    bar = progress(todo, unit="shard", desc=f"rank {rank} latents", enabled=args.progress)
+    for url in bar:
         try:
             written += write_shard(out / Path(url).name, encoded_samples(url, ae, args, device, counter))
         except ShardFailed as err:
             failed.append(url)
             log.error("%s; not written (rerun to retry)", err)
+        bar.set_postfix(samples=written, refresh=False)
     print(
         f"rank {rank}/{world}: {len(todo) - len(failed)} shard(s), {written} samples encoded into {out}; "
         f"skipped {counter.samples} undecodable image(s); {len(failed)} unreadable shard(s)"
@@ -187,5 +205,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = main()
+    with reported(writes="--out <folder>"):
+        result = main()
     sys.exit(1 if result["failed"] else 0)

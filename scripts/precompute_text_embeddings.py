@@ -19,7 +19,8 @@ text_embeddings.json (the encoders' identity, checked by training) and null_enco
 encoder's empty-prompt encoding, and the encodings of each --prompt for the sample grids), and the
 input's latents.json for latent shards (so training still checks the autoencoder). Shards are
 written atomically; a rerun skips finished shards and refuses to mix encoder setups in one folder.
-Unreadable input shards are not written (a rerun retries them) and are listed at the end.
+Unreadable input shards are not written (a rerun retries them) and are listed at the end. A progress
+bar (shards, rate, ETA) shows on a terminal; `--no-progress` turns it off.
 """
 
 from __future__ import annotations
@@ -43,7 +44,9 @@ from data.shard_decode import caption_texts, parse_caption_sources
 from data.shard_writer import check_manifest, write_shard
 from data.shards import SkipCounter, expand_urls
 from data.text_embeddings import MANIFEST, NULLS, STORAGE_DTYPES, encode_sample, encoder_identity, source_tag
+from models.cli import add_progress_flag, progress, reported
 from models.io import atomic_write_bytes
+from models.runtime import ConfigError, check_device, composition_error
 from models.text_encoders import TextConditioner, TextEncoding
 from scripts.precompute_latents import ShardFailed, distributed_rank
 
@@ -63,10 +66,13 @@ def load_stack(overrides: list[str], device: torch.device) -> tuple[TextConditio
 
     register_resolvers()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=overrides)
+    try:
+        with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=overrides)
+    except Exception as err:  # a misspelled override: named with its closest key
+        raise composition_error(err) from err
     if not cfg.get("text_encoder"):
-        raise SystemExit("name the run's text encoders as a Hydra override, e.g. text_encoder=llama3_t5")
+        raise ConfigError("name the run's text encoders as a Hydra override, e.g. text_encoder=llama3_t5")
     node = OmegaConf.to_container(cfg.text_encoder, resolve=True)
     for enc in node["encoders"].values():
         enc["device"] = str(device)  # this rank's GPU (the configs' `auto` would put every rank on cuda:0)
@@ -159,6 +165,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=None)
     p.add_argument("--world-size", type=int, default=None)
     p.add_argument("overrides", nargs="*", help="Hydra overrides naming the text encoders, e.g. text_encoder=llama3_t5")
+    add_progress_flag(p)
     return p.parse_args(argv)
 
 
@@ -166,11 +173,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     rank, world, local_rank = distributed_rank(args.rank, args.world_size)
     if args.device:
-        device = torch.device(args.device)
+        device = check_device(args.device, "--device")
     else:
         device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     tags = [source_tag(m, f) for m, f in parse_caption_sources(args.captions.split(","))]
-    urls = expand_urls(args.shards)
+    urls = expand_urls(args.shards, key="--shards")
     stack, node = load_stack(args.overrides, device)
     prompts = list(dict.fromkeys(p for p in args.prompts if p))
     out = args.out.expanduser()
@@ -189,12 +196,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log.info("rank %d/%d: %d of its %d shards to encode on %s", rank, world, len(todo), len(mine), device)
     counter = SkipCounter(where=f"[rank {rank}] ")
     failed, written = [], 0
-    for url in todo:
+    bar = progress(todo, unit="shard", desc=f"rank {rank} text", enabled=args.progress)
+    for url in bar:
         try:
             written += write_shard(out / Path(url).name, encoded_samples(url, stack, args, counter))
         except ShardFailed as err:
             failed.append(url)
             log.error("%s; not written (rerun to retry)", err)
+        bar.set_postfix(samples=written, refresh=False)
     print(
         f"rank {rank}/{world}: {len(todo) - len(failed)} shard(s), {written} samples encoded into {out}; "
         f"{len(failed)} unreadable shard(s)" + (f": {failed}" if failed else "")
@@ -204,5 +213,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    result = main()
+    with reported(writes="--out <folder>"):
+        result = main()
     sys.exit(1 if result["failed"] else 0)

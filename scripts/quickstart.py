@@ -230,4 +230,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    from models.cli import reported
+
+    with reported(writes="--train run_dir=<folder> --sweep sweep_dir=<folder>"):
+        main()

@@ -37,9 +37,14 @@ def compose(config_name: str, overrides: list[str]):
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
+    from models.runtime import composition_error
+
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides)
+    try:
+        with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+            return hydra_compose(config_name=config_name, overrides=overrides)
+    except Exception as err:  # a misspelled override: one line naming its closest key
+        raise composition_error(err) from err
 
 
 def train(overrides: list[str]) -> dict:
@@ -107,4 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from models.cli import reported
+
+    with reported(writes="run_dir=<folder> (a Hydra override)"):
+        main()

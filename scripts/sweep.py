@@ -28,21 +28,22 @@ register_resolvers()  # ${sweep_points:...} in hydra.sweeper.params: resolved be
 log = logging.getLogger("erg.sweep")
 
 
+WRITES = "sweep_dir=<folder>"  # where a sweep writes (named in errors)
+
+
 @hydra.main(config_path="../configs", config_name="sweep", version_base="1.3")
 def main(cfg: DictConfig) -> dict | None:
     from eval.sweep import print_report, run
-    from models.runtime import ConfigError
+    from models.cli import reported
 
-    try:
+    with reported(cfg, writes=WRITES):
         summary = run(cfg)
-    except (ConfigError, FileNotFoundError) as err:
-        log.error("%s", err)
-        print(f"\nerror: {err}", file=sys.stderr)
-        sys.exit(2)
     if "report" in summary:
         print_report(summary["report"], summary["paths"])
     return {name: {k: v for k, v in r.items() if k != "records"} for name, r in summary["points"].items()}
 
 
 if __name__ == "__main__":
-    main()
+    from models.cli import run_hydra
+
+    run_hydra(main, writes=WRITES)

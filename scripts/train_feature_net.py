@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data.digits import DigitsDataModule
 from eval.digits_net import DigitsFeatureNet, save_digits_net
+from models.cli import add_progress_flag, progress, reported
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -37,6 +38,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--feature-dim", type=int, default=64)
+    add_progress_flag(p)
     return p.parse_args(argv)
 
 
@@ -72,7 +74,8 @@ def main(argv: list[str] | None = None) -> dict:
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.epochs * steps_per_epoch)
     g = torch.Generator().manual_seed(args.seed)
     start = time.time()
-    for epoch in range(args.epochs):
+    bar = progress(range(args.epochs), unit="epoch", desc="feature net", enabled=args.progress)
+    for epoch in bar:
         net.train()
         perm = torch.randperm(len(xt), generator=g)
         for s in range(0, len(xt), args.batch_size):
@@ -82,9 +85,10 @@ def main(argv: list[str] | None = None) -> dict:
             loss.backward()
             opt.step()
             sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
         if (epoch + 1) % 10 == 0 or epoch + 1 == args.epochs:
             acc = accuracy(net, xv, yv)
-            print(f"epoch {epoch + 1}/{args.epochs}: loss {loss.item():.4f}, held-out accuracy {acc:.4f}")
+            bar.write(f"epoch {epoch + 1}/{args.epochs}: loss {loss.item():.4f}, held-out accuracy {acc:.4f}")
     result = {
         "held_out_accuracy": accuracy(net, xv, yv),
         "train_accuracy": accuracy(net, xt, yt),
@@ -103,4 +107,5 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    with reported(writes="--out <file>"):
+        main()

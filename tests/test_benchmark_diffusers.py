@@ -15,34 +15,37 @@ from scripts import benchmark_diffusers as bd
 
 
 def test_diffusers_benchmark_smoke_cpu(tmp_path):
-    summary = bd.main(["--family", "flux_dev", "--size", "tiny", "--device", "cpu", "--methods", "cfg", "erg", "seg",
+    results = bd.main(["--family", "flux_dev", "--size", "tiny", "--device", "cpu", "--methods", "cfg", "erg", "seg",
                        "--out", str(tmp_path / "t.md"), "--json", str(tmp_path / "t.json")])  # fmt: skip
-    by = {r["method"]: r for r in summary["results"]}
+    by = {r["method"]: r for r in results}
     assert {m: (r["nfe_per_step"], r["forwards_per_step"], r["rows_per_forward"]) for m, r in by.items()} == {
         "cfg": (2, 1.0, 4), "erg": (2, 1.0, 4), "seg": (3, 1.0, 6),  # batch 2: one forward per step, all branches
     }  # fmt: skip
-    assert by["erg"]["config"] == "erg_flux" and summary["erg_over_cfg"] > 0 and summary["skipped"] == []
+    assert by["erg"]["config"] == "erg_flux" and by["erg"]["steps"] == 2 and by["erg"]["family"] == "flux_dev"
     table = (tmp_path / "t.md").read_text()
     assert "| erg | erg_flux | 2 | 1.0 | 4 |" in table and "ERG / CFG wall time" in table
-    assert json.loads((tmp_path / "t.json").read_text())["family"] == "flux_dev"
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["config"]["family"] == "flux_dev" and saved["erg_over_cfg"] > 0
 
 
-def test_a_method_that_would_not_fit_the_budget_is_skipped(monkeypatch, capsys):
-    import time
+def test_a_method_that_would_not_fit_the_budget_is_skipped(monkeypatch):
+    from scripts.benchmark import Budget
 
     class Stub(torch.nn.Module):
         transformer = torch.nn.Linear(2, 2)
+        num_attention_layers = 8
 
     monkeypatch.setattr(bd, "build_model", lambda *a, **k: Stub())
-
-    def slow(model, family, method, *args):
-        time.sleep(0.05)
-        return {"method": method, "seconds": 1.0}
-
-    monkeypatch.setattr(bd, "_time_method", slow)
-    summary = bd.bench("sd3_medium", "tiny", "cpu", ("none", "cfg", "erg"), budget_s=0.07)
-    assert [r["method"] for r in summary["results"]] == ["none"] and summary["skipped"] == ["cfg", "erg"]
-    assert "skipped sd3_medium cfg" in capsys.readouterr().out
+    monkeypatch.setattr(bd, "_time_method", lambda cfg, model, method, g, dev: {"method": method, "nfe_per_step": 2,
+                                                                               "seconds": 100.0})  # fmt: skip
+    reported = []
+    cfg = bd.DiffusersBench(family="sd3_medium", size="tiny", methods=("cfg", "erg", "none"))
+    results = bd.run(cfg, "cpu", Budget(60.0), reported.append)
+    assert [("seconds" in r, "skipped" in r) for r in results] == [(True, False), (False, True), (False, True)]
+    assert "skipped: needs ~200 s" in results[1]["skipped"] and len(reported) == 3
+    assert "| erg | erg_sd3 | 2 | skipped" in bd.markdown(results, cfg, "CPU")
+    with pytest.raises(ValueError, match="unknown family 'sd4'"):
+        bd.DiffusersBench(family="sd4")
 
 
 def test_the_real_sizes_are_the_released_transformers():

@@ -29,10 +29,11 @@ def test_benchmark_mmdit_checkpointing_and_mfu_with_a_given_peak():
     r = main([*TINY, "--modes", "eager", "--grad-checkpointing", "--peak-tflops", "1e-6"])[0]
     model = build_mmdit("MMDiT-d2", input_size=8, in_channels=4, context_dim=16, pooled_dim=8)
     expected = r["img_per_s"] * 3 * mmdit_flops_per_forward(model, context_tokens=4) / 1e12 / 1e-6
-    assert r["grad_checkpointing"] and r["mfu"] == pytest.approx(expected, rel=0.01)
+    rounding = 0.05 / r["img_per_s"]  # img_per_s is rounded to 0.1: a slow (busy) CPU makes that a few percent
+    assert r["grad_checkpointing"] and r["mfu"] == pytest.approx(expected, rel=0.01 + rounding)
 
 
 @pytest.mark.slow
 def test_benchmark_mmdit_compile_matches_eager_cpu():
-    r = main([*TINY, "--modes", "compile", "--match-atol", "1e-4"])[0]
-    assert r["compiled_matches_eager"]
+    r = main([*TINY, "--modes", "compile", "--match-tol", "1e-4"])[0]
+    assert r["compiled_matches_eager"] and not r["check_recompiled"]

@@ -88,8 +88,10 @@ def test_unknown_keys_are_named_with_a_suggestion():
         validate(compose(overrides=["+data.batchsize=3"]))
     with pytest.raises(ConfigError, match=r"trainer\.max_step "):
         validate(compose(overrides=["+trainer.max_step=3"]))
-    with pytest.raises(ConfigError, match="unknown top-level"):
+    with pytest.raises(ConfigError, match=r"unknown config key\(s\): lr\. Valid keys at the top level"):
         validate(compose(overrides=["+lr=3"]))
+    with pytest.raises(ConfigError, match=r"sed \(did you mean seed\?\)"):
+        validate(compose(overrides=["+sed=3"]))
 
 
 def test_missing_required_values_are_named():

@@ -10,6 +10,7 @@ import torch
 from erg.attention import AttentionPlan, Temperature
 from models.checkpoints import build_dit, read_state_dict
 from models.dit import DIT_PRESETS, DiT, count_parameters, dit_flops_per_forward
+from models.runtime import ConfigError
 from tests.conftest import compose, randomize
 from tests.reference_dit import ReferenceDiT, public_dit_keys
 
@@ -109,7 +110,7 @@ def test_checkpoint_formats(tmp_path, tiny_dit):
 
 def test_mismatched_checkpoint_names_the_problem(tmp_path, tiny_dit):
     torch.save(tiny_dit.state_dict(), tmp_path / "w.pt")
-    with pytest.raises(RuntimeError, match="does not fit the configured model"):
+    with pytest.raises(ConfigError, match=r"does not fit the configured model.*num_classes 5 in the checkpoint vs 7"):
         build_dit(depth=3, hidden_size=32, num_heads=2, patch_size=2, input_size=8, in_channels=2, num_classes=7,
                   checkpoint=str(tmp_path / "w.pt"))  # fmt: skip
 

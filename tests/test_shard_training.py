@@ -90,5 +90,5 @@ def test_global_batch_size_is_split_over_gpus_and_accumulation(shards):
 
 def test_missing_shards_fail_early_and_plainly(tmp_path):
     cfg = compose(overrides=small_run_overrides(tmp_path / "run", 1, ["data=image_shards", "data.shards=/no/such/dir"]))
-    with pytest.raises(FileNotFoundError, match=r"none of the 1 shard file\(s\) of '/no/such/dir'"):
+    with pytest.raises(FileNotFoundError, match=r"none of the 1 shard file\(s\) of data.shards=/no/such/dir"):
         run(cfg)  # not wrapped in Hydra's InstantiationException: train.py prints it as a plain error

@@ -187,8 +187,13 @@ def test_corrupt_missing_and_undecodable_data_are_skipped_and_counted(digit_shar
     batches = take(stream, 40)
     assert len(batches) == 40 and all(len(b["key"]) == 4 for b in batches)
     _, shards, samples = batches[-1]["data_errors"]
-    assert shards >= 3 and samples >= 1  # every broken shard and the bad image were drawn and counted
-    assert "skipped a shard" in caplog.text and "skipped a sample" in caplog.text
+    # the unreadable shards, each counted once by name although the stream drew them many times (the
+    # truncated one ends early: its cut sample is a bad sample), and the bad samples
+    assert set(shards) == {str(garbage), str(tmp_path / "missing.tar")} and samples >= 2
+    # the warnings name the shard (and the sample), not a BytesIO object; each one once
+    assert caplog.text.count(f"skipped shard {garbage}") == 1
+    assert caplog.text.count(f"sample x1 of {bad_image}: UnidentifiedImageError") == 1
+    assert f"of {truncated}: " in caplog.text and "BytesIO" not in caplog.text and " at 0x" not in caplog.text
     # nothing readable at all: a clear error instead of spinning forever
     hopeless = TrainStream([str(garbage)], _decoder(), 4, max_consecutive_errors=20)
     with pytest.raises(RuntimeError, match="20 data errors in a row"):
