@@ -12,6 +12,7 @@ The stages run in the order of `STAGES`, each within its share of the budget:
   prdc_fid    PRDC and FID statistics of 50k x 50k random 2048-d features (scripts/benchmark_eval.py)
   mmdit       MMDiT depth 12 and 16 training steps (scripts/benchmark_mmdit.py)
   loader      the latent-shard loader vs the training step rate (scripts/benchmark_loader.py)
+  diffusers   ERG vs CFG, Flux.1-dev's real transformer (random weights), 1024 px (scripts/benchmark_diffusers.py)
 
 Budget. A stage starting with L seconds left gets L x its share / the shares of the stages still to
 run (time a stage leaves unused goes to the next ones), at least its `min_s`. Inside a stage, each
@@ -73,7 +74,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models.io import atomic_write_text
-from scripts import benchmark, benchmark_eval, benchmark_loader, benchmark_mmdit, benchmark_sampling
+from scripts import (
+    benchmark,
+    benchmark_diffusers,
+    benchmark_eval,
+    benchmark_loader,
+    benchmark_mmdit,
+    benchmark_sampling,
+)
 from scripts.benchmark import Budget
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,6 +157,11 @@ def run_loader(cfg: benchmark_loader.LoaderBench, ctx: Context) -> dict:
     return {"results": benchmark_loader.run(cfg, ctx.budget, report), "train": train}
 
 
+def run_diffusers(cfg: benchmark_diffusers.DiffusersBench, ctx: Context) -> dict:
+    results = benchmark_diffusers.run(cfg, ctx.device, ctx.budget, _rows(ctx))
+    return {"results": results, "erg_over_cfg": benchmark_diffusers.ratio(results)}
+
+
 def _list_table(markdown: Callable) -> Callable[[dict, Any, str], str]:
     return lambda result, cfg, device: markdown(result.get("results", []), cfg, device)
 
@@ -184,7 +197,7 @@ STAGES: list[Stage] = [
     ),
     Stage(
         "sampling", "Sampling DiT-XL/2, batch 128, every guidance method, compiled", benchmark_sampling.SamplingBench,
-        share=0.34, min_s=40,
+        share=0.28, min_s=40,
         gpu={"arch": "DiT-XL/2", "batch_size": 128, "steps": 20, "repeats": 2, "methods": SAMPLING_ORDER,
              "modes": ("compile",), "compile_s": 30.0},
         cpu={**TINY_DIT, **TINY_COMPILE, "batch_size": 2, "steps": 2, "repeats": 1, "methods": SAMPLING_ORDER,
@@ -222,6 +235,15 @@ STAGES: list[Stage] = [
         cpu={"synthetic_samples": 64, "samples_per_shard": 16, "shape": (4, 8, 8), "workers": (1,), "batch_size": 4,
              "shuffle_buffer": 8, "batches": 3, "warmup": 1},
         run=run_loader, table=_loader_table,
+    ),
+    Stage(  # last: it gets what the others leave; 8 steps keep a 12B forward per step affordable
+        "diffusers", "Sampling Flux.1-dev (real transformer, random weights), 1024 px: ERG vs CFG",
+        benchmark_diffusers.DiffusersBench, share=0.06, min_s=40,
+        gpu={"family": "flux_dev", "size": "real", "methods": ("cfg", "erg"), "steps": 8, "batch_size": 1,
+             "repeats": 1},
+        cpu={"family": "flux_dev", "size": "tiny", "methods": ("cfg", "erg"), "steps": 2, "batch_size": 2,
+             "repeats": 1},
+        run=run_diffusers, table=_list_table(benchmark_diffusers.markdown),
     ),
 ]  # fmt: skip
 

@@ -70,6 +70,10 @@ def test_cpu_rehearsal_runs_every_stage_without_wandb_or_tensorboard(tmp_path):
     loader = stages["loader"]["result"]
     assert loader["results"][0]["samples_per_s"] > 0
     assert loader["train"]["img_per_s"] == max(r["img_per_s"] for r in train)  # the rate measured in this run
+    diffusers = stages["diffusers"]["result"]
+    assert [(r["method"], r["forwards_per_step"], r["rows_per_forward"]) for r in diffusers["results"]] == [
+        ("cfg", 1.0, 4), ("erg", 1.0, 4)]  # fmt: skip
+    assert diffusers["erg_over_cfg"] > 0
 
     md = (out / "cpu.md").read_text()
     assert md.startswith("# Benchmarks: CPU") and f"torch {torch.__version__}" in md

@@ -1,0 +1,60 @@
+"""scripts/benchmark_diffusers.py: runs end to end on a tiny pipeline on CPU (the real figures come from a GPU),
+counts one forward of 2 rows per image and step for CFG and ERG, honours its time budget, and its real-size
+configs are the releases' transformers (built on the meta device: no memory, no time)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+
+from scripts import benchmark_diffusers as bd
+
+
+def test_diffusers_benchmark_smoke_cpu(tmp_path):
+    results = bd.main(["--family", "flux_dev", "--size", "tiny", "--device", "cpu", "--methods", "cfg", "erg", "seg",
+                       "--out", str(tmp_path / "t.md"), "--json", str(tmp_path / "t.json")])  # fmt: skip
+    by = {r["method"]: r for r in results}
+    assert {m: (r["nfe_per_step"], r["forwards_per_step"], r["rows_per_forward"]) for m, r in by.items()} == {
+        "cfg": (2, 1.0, 4), "erg": (2, 1.0, 4), "seg": (3, 1.0, 6),  # batch 2: one forward per step, all branches
+    }  # fmt: skip
+    assert by["erg"]["config"] == "erg_flux" and by["erg"]["steps"] == 2 and by["erg"]["family"] == "flux_dev"
+    table = (tmp_path / "t.md").read_text()
+    assert "| erg | erg_flux | 2 | 1.0 | 4 |" in table and "ERG / CFG wall time" in table
+    saved = json.loads((tmp_path / "t.json").read_text())
+    assert saved["config"]["family"] == "flux_dev" and saved["erg_over_cfg"] > 0
+
+
+def test_a_method_that_would_not_fit_the_budget_is_skipped(monkeypatch):
+    from scripts.benchmark import Budget
+
+    class Stub(torch.nn.Module):
+        transformer = torch.nn.Linear(2, 2)
+        num_attention_layers = 8
+
+    monkeypatch.setattr(bd, "build_model", lambda *a, **k: Stub())
+    monkeypatch.setattr(bd, "_time_method", lambda cfg, model, method, g, dev: {"method": method, "nfe_per_step": 2,
+                                                                               "seconds": 100.0})  # fmt: skip
+    reported = []
+    cfg = bd.DiffusersBench(family="sd3_medium", size="tiny", methods=("cfg", "erg", "none"))
+    results = bd.run(cfg, "cpu", Budget(60.0), reported.append)
+    assert [("seconds" in r, "skipped" in r) for r in results] == [(True, False), (False, True), (False, True)]
+    assert "skipped: needs ~200 s" in results[1]["skipped"] and len(reported) == 3
+    assert "| erg | erg_sd3 | 2 | skipped" in bd.markdown(results, cfg, "CPU")
+    with pytest.raises(ValueError, match="unknown family 'sd4'"):
+        bd.DiffusersBench(family="sd4")
+
+
+def test_the_real_sizes_are_the_released_transformers():
+    import diffusers
+
+    billions = {}
+    for family, config in bd.REAL.items():
+        cls = diffusers.FluxTransformer2DModel if family.startswith("flux") else diffusers.SD3Transformer2DModel
+        with torch.device("meta"):
+            billions[family] = round(sum(p.numel() for p in cls(**config).parameters()) / 1e9, 2)
+    assert billions == {"sd3_medium": 2.03, "sd35_large": 8.06, "sd35_medium": 2.24, "flux_dev": 11.9,
+                        "flux_schnell": 11.89}  # fmt: skip
