@@ -178,8 +178,10 @@ def prompts_conditioning(conditioner: torch.nn.Module) -> Any:
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Images in [-1, 1] (N, C, H, W) -> uint8 (N, H, W, C), as DiT's sample_ddp.py: clamp(127.5 x + 128)."""
-    return torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """Images in [-1, 1] (N, C, H, W) -> uint8 (N, H, W, C), as DiT's sample_ddp.py: clamp(127.5 x + 128);
+    videos (N, C, F, H, W) -> (N, F, H, W, C)."""
+    order = (0, 2, 3, 1) if images.ndim == 4 else (0, 2, 3, 4, 1)
+    return torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(*order).cpu().numpy()
 
 
 # --- what to sample --------------------------------------------------------------------------------
