@@ -38,8 +38,10 @@ OnStep = Callable[[Step, Tensor], None]
 @dataclass(frozen=True)
 class SamplerConfig:
     """steps: Euler steps; shift: SD3's schedule shift (1 = uniform in t); schedule: "uniform" (times
-    i / steps, shifted: `erg.flow.time_grid`) or "flow_match_euler" (the grid of diffusers'
-    FlowMatchEulerDiscreteScheduler that SD3's pipelines use: `erg.flow.flow_match_euler_times`);
+    i / steps, shifted: `erg.flow.time_grid`), "flow_match_euler" (the grid of diffusers'
+    FlowMatchEulerDiscreteScheduler that SD3's pipelines use: `erg.flow.flow_match_euler_times`) or
+    "pipeline" (the model's own grid, `model.time_grid(steps)`: a diffusers family samples the times its
+    pipeline's scheduler sets, resolution-dependent shifts included; `shift` is then unused);
     bf16: autocast on CUDA; batch_branches: evaluate the branches sharing a model in one forward
     (False: one forward per branch, the reference the batched path is tested against); compile: call
     the models through `torch.compile` (the modules themselves are left as they are)."""
@@ -56,11 +58,21 @@ class SamplerConfig:
             raise ValueError(f"sampler.steps must be an integer >= 1, got {self.steps!r}")
         if not self.shift > 0:
             raise ValueError(f"sampler.shift must be > 0, got {self.shift}")
-        if self.schedule not in ("uniform", "flow_match_euler"):
-            raise ValueError(f"sampler.schedule must be 'uniform' or 'flow_match_euler', got {self.schedule!r}")
+        if self.schedule not in ("uniform", "flow_match_euler", "pipeline"):
+            raise ValueError(
+                f"sampler.schedule must be 'uniform', 'flow_match_euler' or 'pipeline', got {self.schedule!r}"
+            )
 
-    def times(self) -> torch.Tensor:
-        """The steps + 1 times t_0 = 0 (noise) ... t_steps = 1 (data), float64 on the host."""
+    def times(self, model: nn.Module | None = None) -> torch.Tensor:
+        """The steps + 1 times t_0 = 0 (noise) ... t_steps = 1 (data), float64 on the host
+        ("pipeline": the model's `time_grid(steps)`)."""
+        if self.schedule == "pipeline":
+            if not callable(getattr(model, "time_grid", None)):
+                raise ValueError(
+                    f"sampler.schedule=pipeline samples the model's own scheduler grid, but {type(model).__name__} "
+                    "has no time_grid(steps) (only the diffusers families do); use schedule=uniform or flow_match_euler"
+                )
+            return model.time_grid(self.steps).to(torch.float64).cpu()
         if self.schedule == "flow_match_euler":
             return flow_match_euler_times(self.steps, self.shift, dtype=torch.float64)
         return time_grid(self.steps, self.shift, dtype=torch.float64)
@@ -101,6 +113,8 @@ class GuidedSampler:
             conditionings.setdefault(name, conditioning_for(self.models[name]))
         self.conditionings = conditionings
         self._check(guidance)
+        if self.config.schedule == "pipeline":
+            self.config.times(self.models["main"])  # a model without its own grid fails here, before sampling
         self._call = {k: torch.compile(m) if self.config.compile else m for k, m in self.models.items()}
 
     def _check(self, guidance: Guidance) -> None:
@@ -127,7 +141,11 @@ class GuidedSampler:
 
     @property
     def device(self) -> torch.device:
-        return next(self.models["main"].parameters()).device
+        """Where the state lives: the model's `execution_device` if it has one (a diffusers family whose
+        components are offloaded to the CPU between uses), else the device of its parameters."""
+        model = self.models["main"]
+        device = getattr(model, "execution_device", None)
+        return torch.device(device) if device is not None else next(model.parameters()).device
 
     # --- one step ----------------------------------------------------------------------------------
     def _autocast(self) -> Any:
@@ -236,7 +254,7 @@ class GuidedSampler:
         seeds = list(seeds) if seeds is not None else list(range(B))
         encoded = self.encode(conditions)
         state = self.guidance.combine.new_state()  # fresh per run (APG's momentum starts at zero)
-        times = self.config.times()  # host copy: no syncs per step
+        times = self.config.times(self.models["main"])  # host copy: no syncs per step
         ts = times.to(self.device, torch.float32)
         x = noise.to(self.device, torch.float32)
         for i in range(self.config.steps):
@@ -253,7 +271,7 @@ class GuidedSampler:
     ) -> Tensor:
         """Sample the given sample indices: noise and per-step randomness from (base_seed, index)."""
         model = self.models["main"]
-        shape = (model.in_channels, model.input_size, model.input_size)
+        shape = getattr(model, "latent_shape", None) or (model.in_channels, model.input_size, model.input_size)
         noise = sample_noise(indices, shape, base_seed=base_seed, device=self.device)
         seeds = [sample_seed(base_seed, int(i)) for i in indices]
         return self.sample(noise, conditions, seeds, on_step)

