@@ -40,7 +40,9 @@ def _required(group: str, option: str, tmp_path: Path) -> list[str]:
     return []
 
 
-SAMPLING_ONLY = {("model", "sd3_medium")}  # a diffusers pipeline for sample.py (tests/test_sd3.py)
+# diffusers pipelines for sample.py (erg/integrations/; tests/test_sd3.py, test_pixart.py, test_wan.py, ...)
+SAMPLING_ONLY = {("model", o) for o in options("model")
+                 if "_target_: erg.integrations." in (CONFIGS / "model" / f"{o}.yaml").read_text()}  # fmt: skip
 
 
 @pytest.mark.parametrize(

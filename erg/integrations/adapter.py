@@ -395,12 +395,14 @@ def load_pipeline(
     family: str,
     hub_id: str,
     env: str,
-    dtype: str = "auto",
+    dtype: str | Mapping[str, str] = "auto",
     download: bool = False,
     **components: Any,
 ) -> Any:
     """A diffusers pipeline from a local folder in diffusers' layout (never the hub, unless `download`).
 
+    dtype: one for every component (`resolve_dtype`), or per component name with a "default" (e.g. Wan's VAE in
+        float32 beside a bf16 transformer: {"default": "auto", "vae": "float32"}).
     download: if the folder is missing, fetch `hub_id` into it first (huggingface_hub.snapshot_download; the
         user asks for it explicitly with model.download=true). components: overrides passed to
         `from_pretrained` (e.g. text_encoder_3=None to leave T5 out).
@@ -414,6 +416,10 @@ def load_pipeline(
     import diffusers
 
     cls = getattr(diffusers, pipeline_class)
-    pipe = cls.from_pretrained(str(folder), local_files_only=True, **_dtype_kwarg(resolve_dtype(dtype)), **components)
+    if isinstance(dtype, Mapping):  # diffusers takes {component: dtype, "default": dtype}
+        torch_dtype: Any = {"default": resolve_dtype("auto"), **{str(k): resolve_dtype(v) for k, v in dtype.items()}}
+    else:
+        torch_dtype = resolve_dtype(dtype)
+    pipe = cls.from_pretrained(str(folder), local_files_only=True, **_dtype_kwarg(torch_dtype), **components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
