@@ -14,7 +14,7 @@ import torch
 
 from tests.sd3_tiny import PROMPTS, _tokenizer
 
-__all__ = ["FRAMES", "PROMPTS", "TOKENS", "tiny_wan_pipeline"]
+__all__ = ["FRAMES", "PROMPTS", "TOKENS", "tiny_wan_pipeline", "wan_variant"]
 
 TOKENS = 12  # UMT5 tokens (max_sequence_length) in the tests; the pipeline's default is 512
 FRAMES = 5  # video frames: (5 - 1) / 4 + 1 = 2 latent frames
@@ -42,6 +42,18 @@ def _transformer(seed: int, layers: int = 30):
         for p in transformer.parameters():
             p.add_(0.05 * torch.randn_like(p))
     return transformer
+
+
+def wan_variant(pipe, version: str, seed: int = 0):
+    """Another Wan version on the same components: "2.2" adds a low-noise expert (transformer_2, boundary 0.875),
+    "2.2-ti2v" feeds a timestep per token (expand_timesteps)."""
+    from diffusers import WanPipeline
+
+    parts = {k: v for k, v in pipe.components.items() if k != "transformer_2"}
+    extra = {"transformer_2": _transformer(seed + 2), "boundary_ratio": 0.875} if version == "2.2" else {}
+    out = WanPipeline(**parts, **extra, expand_timesteps=version == "2.2-ti2v")
+    out.set_progress_bar_config(disable=True)
+    return out
 
 
 def tiny_wan_pipeline(seed: int = 0, version: str = "2.1"):
