@@ -66,8 +66,8 @@ def _check_text_setup(cfg: DictConfig) -> None:
     encoder needs such a model and prompts for its sample grids."""
     if str(cfg.model.get("_target_", "")).startswith("erg.integrations."):
         raise ConfigError(
-            f"model={cfg.model._target_.split('.')[2]} is a public model through diffusers, for sampling with ERG "
-            "(sample.py model=<it> ...); train.py trains this repo's models (model=mmdit_sd3_d24 is SD3's size)"
+            f"this model config ({cfg.model._target_}) is a public model through diffusers, for sampling with ERG "
+            "(sample.py model=<that config> ...); train.py trains this repo's models (model=mmdit_sd3_d24: SD3's size)"
         )
     text = cfg.get("text_encoder")
     takes_text = "context_dim" in cfg.model

@@ -40,9 +40,10 @@ def _required(group: str, option: str, tmp_path: Path) -> list[str]:
     return []
 
 
-# diffusers pipelines for sample.py (erg/integrations/; tests/test_sd3.py, test_pixart.py, test_wan.py, ...)
-SAMPLING_ONLY = {("model", o) for o in options("model")
-                 if "_target_: erg.integrations." in (CONFIGS / "model" / f"{o}.yaml").read_text()}  # fmt: skip
+# diffusers pipelines for sample.py (erg/integrations/; tests/test_sd3.py, test_flux.py, test_pixart.py, ...)
+SAMPLING_ONLY = {
+    ("model", o) for o in options("model") if "erg.integrations." in (CONFIGS / "model" / f"{o}.yaml").read_text()
+}
 
 
 @pytest.mark.parametrize(
@@ -59,9 +60,10 @@ def test_every_option_composes_and_validates(group, option, tmp_path):
         assert container["model"]["num_classes"] == container["data"]["num_classes"]
 
 
-def test_sampling_only_models_are_refused_by_train_py(tmp_path):
-    with pytest.raises(ConfigError, match="sample.py"):
-        validate(compose(overrides=["model=sd3_medium", f"run_dir={tmp_path}"]))
+@pytest.mark.parametrize("option", sorted(o for _, o in SAMPLING_ONLY))
+def test_sampling_only_models_are_refused_by_train_py(option, tmp_path):
+    with pytest.raises(ConfigError, match=r"erg.integrations.*is a public model through diffusers.*sample.py"):
+        validate(compose(overrides=[f"model={option}", f"run_dir={tmp_path}"]))
 
 
 def test_model_size_and_channels_come_from_the_data(tmp_path):
