@@ -211,6 +211,8 @@ def test_the_rectifiers_see_the_frames_height_width_grid_in_both_experts(pipe22)
     assert_same_state(before, state(pipe22))
     with pytest.raises(ValueError, match="both sides of the experts' boundary"):
         m(x, torch.tensor([0.05, 0.5]), **enc)
+    groups = m._groups()["transformer"]  # CPU offload moves both experts together
+    assert groups[0] is pipe22.transformer and groups[1] is pipe22.transformer_2
 
 
 def test_c_erg_acts_on_umt5_only(model):
