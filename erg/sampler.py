@@ -7,9 +7,9 @@
         v = guidance.combine(predictions)            (velocity; APG converts to x0 and back)
         x <- x + (t_{i+1} - t_i) v
 
-A grid that starts at t_0 > 0 (a DDPM model's first timestep, erg/integrations/pixart.py) starts from
-x = m(t_0) noise, m = sqrt(t_0^2 + (1 - t_0)^2) (erg/flow.py): the std of x_t0 for unit-variance data, and
-exactly the pipeline's latents = noise in the model's own (variance-preserving) space.
+The state starts as the noise itself, unless the model says how its noise looks in our space at the grid's
+first time (`initial_noise_scale(t_0)`: a DDPM model, erg/integrations/pixart.py, starts at t_0 > 0 from
+m(t_0) noise, m = sqrt(t_0^2 + (1 - t_0)^2), which is its pipeline's latents = noise in its own space).
 
 So ERG costs what CFG costs: two rows per image, one forward per step. Conditions are encoded once
 per run per condition kind; CADS noise is drawn per sample and step from the sample's seed, so a
@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from erg.attention import AttentionMaps, AttentionPlan, Capture, Rule
 from erg.conditioning import Conditioning, conditioning_for
-from erg.flow import flow_match_euler_times, marginal_std, time_grid
+from erg.flow import flow_match_euler_times, time_grid
 from erg.guidance.base import Branch, Guidance, Step
 from erg.sampling import sample_noise, sample_seed
 
@@ -261,8 +261,9 @@ class GuidedSampler:
         times = self.config.times(self.models["main"])  # host copy: no syncs per step
         ts = times.to(self.device, torch.float32)
         x = noise.to(self.device, torch.float32)
-        if times[0] > 0:  # a grid that starts short of pure noise (a DDPM model's first timestep)
-            x = x * float(marginal_std(times[0]))  # x_t0 ~ N(0, m(t0)^2 I): its noise in its own space
+        noise_scale = getattr(self.models["main"], "initial_noise_scale", None)
+        if noise_scale is not None:  # a DDPM model: its pure noise at t_0 > 0, in our space
+            x = x * float(noise_scale(float(times[0])))
         for i in range(self.config.steps):
             step = Step(i, float(times[i]), ts[i].expand(B), x)
             self.evaluate(step, encoded, seeds)

@@ -127,6 +127,18 @@ def test_the_grid_is_the_pipelines_timesteps_and_each_maps_back_to_its_timestep(
         through_sampler(model, guidance("none"), steps=2, schedule="uniform")
 
 
+def test_with_its_default_dpm_solver_the_grid_is_its_timesteps_then_the_data(pipe):
+    """PixArt-Sigma ships DPMSolverMultistepScheduler: we take DDIM (Euler) steps on the timesteps it sets."""
+    from diffusers import DPMSolverMultistepScheduler, PixArtSigmaPipeline
+
+    dpm = DPMSolverMultistepScheduler(beta_schedule="linear", prediction_type="epsilon")
+    m = PixArtDenoiser(PixArtSigmaPipeline(**{**pipe.components, "scheduler": dpm}), max_sequence_length=TOKENS)
+    grid = m.time_grid(20)
+    dpm.set_timesteps(20)
+    assert grid.shape == (21,) and grid[-1] == 1.0 and torch.all(grid[1:] > grid[:-1])
+    torch.testing.assert_close(grid[:-1], vp_time(dpm.alphas_cumprod.double()[dpm.timesteps]))
+
+
 # --- equivalence with the pipeline ---------------------------------------------------------------------
 def test_the_processor_is_diffusers_self_attention_bit_for_bit(model):
     enc = model.encode(PROMPTS)

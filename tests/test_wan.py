@@ -136,6 +136,18 @@ def test_none_and_cfg_in_the_shared_sampler_are_the_pipelines_own_loop(pipe, pip
         assert set(experts["cfg"]) == {"high"}
 
 
+def test_with_wans_own_unipc_the_grid_is_its_sigmas(pipe):
+    """Wan ships UniPC on flow sigmas: schedule=pipeline takes Euler steps on the sigmas it sets (t = 1 - sigma)."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    unipc = UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    m = denoiser(WanPipeline(**{**pipe.components, "scheduler": unipc}))
+    unipc.set_timesteps(50)
+    grid = m.time_grid(50)
+    assert grid[-1] == 1.0 and grid[0] < 1e-5  # its float32 sigma_max: 1 - 1e-6 (the noise is still its start)
+    torch.testing.assert_close(grid, 1 - unipc.sigmas.double())
+
+
 def test_neutral_erg_is_the_conditional_prediction(model, pipe):
     neutral = through_sampler(model, guidance("erg", "guidance.image.tau=1.0", "guidance.text.tau=1.0",
                                               "guidance.image.kappa=-1"))  # fmt: skip

@@ -22,7 +22,7 @@ The PixArt-Sigma family on the shared layer (erg/integrations/adapter.py); this 
   interpolated in log-SNR; its epsilon (or v_prediction / sample) output becomes our velocity (`velocity_from_vp`).
   t outside its trained range (k in [0, 999], t in about [0.0064, 0.99]) is an error, not a silent clamp.
 - the grid (`time_grid`): the pipeline's scheduler's timesteps mapped to our t, then its final alpha_bar (1:
-  the data). The sampler starts at t_0 > 0 from m(t_0) x noise (erg/sampler.py), which is the pipeline's latents
+  the data). The sampler starts at t_0 > 0 from m(t_0) x noise (`initial_noise_scale`), which is the pipeline's latents
   = noise in its own space. A DDIM step (eta = 0) re-noises the same (x0_hat, eps_hat) at the next alpha_bar, as
   our Euler step does at the next t: on these grids our sampler IS DDIM.
 
@@ -171,6 +171,11 @@ class PixArtDenoiser(DiffusersDenoiser):
         i = torch.searchsorted(-table, x.contiguous()).clamp(1, T - 1)
         x0, x1 = -table[i - 1], -table[i]
         return (i - 1).double() + (x - x0) / (x1 - x0)
+
+    def initial_noise_scale(self, t0: float) -> float:
+        """The sampler starts from m(t_0) x noise (erg/sampler.py): the pipeline's latents = noise at its first
+        timestep, in our space (x_t = m(t) x_s; m(t_0) ~ 0.994 at timestep 999)."""
+        return float(marginal_std(t0))
 
     def time_grid(self, steps: int) -> Tensor:
         """The pipeline's scheduler's timesteps (set on a copy, as its `__call__` sets them) in our t, then the

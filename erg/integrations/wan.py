@@ -33,7 +33,8 @@ The Wan family on the shared layer (erg/integrations/adapter.py); this file hold
 What is equal (tests/test_wan.py): with guidance=none / cfg our sampler equals the pipeline's own loop with
 FlowMatchEulerDiscreteScheduler on the same latents, to float tolerance (the pipeline runs cond and uncond as two
 forwards per step; we batch them as one). Wan's own scheduler is UniPC (multistep, higher order): with it, our
-sampler takes Euler steps on the sigmas it sets (`schedule=pipeline`), which is not the same integration.
+sampler takes Euler steps on the sigmas it sets (`schedule=pipeline`), which is not the same integration (and the
+transformer sees sigma x 1000 where UniPC feeds it that number floored to an integer).
 """
 
 from __future__ import annotations
