@@ -11,7 +11,7 @@
                each rank takes its own shards (no duplicates, no gaps)
 
 `mode=grid` instead samples the same few (noise, class) pairs with several guidance configs and
-writes one image grid (a row per method) for eyeballing.
+writes one image grid (a row per method) for eyeballing (videos: their middle frames).
 """
 
 from __future__ import annotations
@@ -460,7 +460,10 @@ def run_grid(container: dict[str, Any]) -> dict[str, Any]:
         label, guidance_cfg = compose_guidance(entry)
         sampler = build_sampler(container, guidance_cfg, model, conditioning)
         x = sampler.sample_indices(range(n), labels, base_seed=container["seed"])
-        rows.append(decode(x).float().cpu())
+        images = decode(x).float().cpu()
+        if images.ndim == 5:  # videos (N, C, F, H, W): the grid shows each one's middle frame
+            images = images[:, :, images.shape[2] // 2]
+        rows.append(images)
         names.append(label)
         log.info("grid row: %s", label)
     grid = image_grid(torch.cat(rows), nrow=n, min_size=64)  # (H, W, C) uint8

@@ -317,6 +317,12 @@ def test_sample_py_writes_video_frames(pipe, tmp_path):
     assert videos.shape == (2, FRAMES, 32, 32, 3) and videos.dtype == np.uint8 and videos.std() > 0
     assert [r["prompt"] for r in records] == PROMPTS
     assert len(list((tmp_path / "out/shards/00000000/00000001").glob("*.png"))) == FRAMES
+    grid = run(compose("sample", [
+        "model=wan2_1_t2v_1_3b", f"model.path={folder}", f"model.max_sequence_length={TOKENS}", "model.height=32",
+        "model.width=32", f"model.num_frames={FRAMES}", "sampler.steps=2", f"prompts={prompts}", "mode=grid",
+        "grid.methods=[none,pag]", "grid.per_row=2", f"grid.path={tmp_path / 'grid.png'}",
+    ]))  # fmt: skip
+    assert grid["methods"] == ["none", "pag"] and (tmp_path / "grid.png").is_file()  # each video's middle frame
     loaded = load_wan(str(folder), height=32, width=32, num_frames=FRAMES, dtype="bfloat16")  # the VAE: float32
     assert loaded.transformer.dtype == torch.bfloat16 and loaded.vae.dtype == torch.float32
 
