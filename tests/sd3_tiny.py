@@ -40,9 +40,10 @@ def _t5(layers: int, width: int, seed: int):
     return T5EncoderModel(config).eval()
 
 
-def tiny_sd3_pipeline(seed: int = 0):
+def tiny_sd3_pipeline(seed: int = 0, num_layers: int = 8, dual_attention_layers: tuple[int, ...] = ()):
     """StableDiffusion3Pipeline: 8 transformer blocks of width 16 (Table 7 rectifies blocks [6, 8)),
-    16x16 images -> 4-channel 8x8 latents (16 image tokens on a 4x4 grid)."""
+    16x16 images -> 4-channel 8x8 latents (16 image tokens on a 4x4 grid). dual_attention_layers: the blocks
+    with SD3.5-medium's extra image self-attention (SD3.5 tests: tests/sd35_tiny.py)."""
     from diffusers import (
         AutoencoderKL,
         FlowMatchEulerDiscreteScheduler,
@@ -53,9 +54,9 @@ def tiny_sd3_pipeline(seed: int = 0):
     clip_l, clip_g, t5 = _clip(12, 8, seed), _clip(32, 12, seed + 1), _t5(24, 24, seed + 2)
     torch.manual_seed(seed + 3)
     transformer = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=8, attention_head_dim=8, num_attention_heads=2,
+        sample_size=8, patch_size=2, in_channels=4, num_layers=num_layers, attention_head_dim=8, num_attention_heads=2,
         joint_attention_dim=24, caption_projection_dim=16, pooled_projection_dim=8 + 12, out_channels=4,
-        pos_embed_max_size=8, qk_norm="rms_norm",
+        pos_embed_max_size=8, qk_norm="rms_norm", dual_attention_layers=tuple(dual_attention_layers),
     ).eval()  # fmt: skip
     with torch.no_grad():  # diffusers zero-initialises nothing here, but make the outputs clearly non-trivial
         for p in transformer.parameters():

@@ -21,6 +21,8 @@ from erg.integrations.flux import FluxDenoiser, load_flux, pack, unpack
 from erg.sampler import GuidedSampler, SamplerConfig
 from erg.sampling import sample_noise
 from tests.conftest import compose
+from tests.diffusers_checks import Memo, assert_same_state, forward_rows, run_every_method, state
+from tests.diffusers_checks import guidance as family_guidance
 from tests.flux_tiny import DOUBLE, PROMPTS, SINGLE, tiny_flux_pipeline
 
 STEPS = 3
@@ -39,9 +41,14 @@ def model(dev):
     return FluxDenoiser(dev, resolution=16, max_sequence_length=TOKENS)
 
 
+@pytest.fixture(scope="module")
+def memo(model):
+    """The model's prompt encodings, once per condition for the whole module (they are deterministic)."""
+    return Memo(model.conditioning())
+
+
 def guidance(name, *overrides):
-    cfg = compose("sample", ["model=flux_dev", "model.path=/w", f"guidance={name}", *overrides]).guidance
-    return build_guidance(OmegaConf.to_container(cfg, resolve=True))
+    return family_guidance("flux_dev", name, *overrides)
 
 
 def noise():
@@ -55,8 +62,9 @@ def pipeline(pipe, **kwargs):
     return unpack(out, 8, 8)
 
 
-def sampler(model, g, **kwargs):
-    return GuidedSampler(g, model, config=SamplerConfig(steps=STEPS, schedule="pipeline", **kwargs))
+def sampler(model, g, memo=None, **kwargs):
+    conditionings = {"main": memo} if memo is not None else None
+    return GuidedSampler(g, model, conditionings, config=SamplerConfig(steps=STEPS, schedule="pipeline", **kwargs))
 
 
 def test_the_processors_are_diffusers_flux_attention_bit_for_bit(model):
@@ -93,7 +101,7 @@ def test_schnell_none_is_the_pipeline_and_its_settings_are_checked(schnell):
         FluxDenoiser(schnell, resolution=16, distilled_guidance=3.5)
 
 
-def test_erg_at_tau_one_is_the_conditional_prediction(model):
+def test_erg_at_tau_one_is_the_conditional_prediction(model, memo):
     """tau_i = tau_c = 1: the ERG row of every step's batched forward is the positive row, so ERG is guidance=none."""
     neutral = guidance("erg", *TINY, "guidance.image.tau=1.0", "guidance.text.tau=1.0", "guidance.image.kappa=0.0")
     diffs = []
@@ -101,10 +109,11 @@ def test_erg_at_tau_one_is_the_conditional_prediction(model):
     def record(step, v):
         diffs.append((step.preds["pos"] - step.preds["neg"]).abs().max())
 
-    out = sampler(model, neutral).sample(noise(), PROMPTS, on_step=record)
+    out = sampler(model, neutral, memo).sample(noise(), PROMPTS, on_step=record)
     assert len(diffs) == STEPS and max(diffs) < 1e-6
-    torch.testing.assert_close(out, sampler(model, guidance("none")).sample(noise(), PROMPTS), atol=1e-5, rtol=0)
-    assert (sampler(model, guidance("erg", *TINY)).sample(noise(), PROMPTS) - out).abs().max() > 1e-2  # tau < 1 acts
+    none = sampler(model, guidance("none"), memo).sample(noise(), PROMPTS)
+    torch.testing.assert_close(out, none, atol=1e-5, rtol=0)
+    assert (sampler(model, guidance("erg", *TINY), memo).sample(noise(), PROMPTS) - out).abs().max() > 1e-2
 
 
 def _attention_outputs(model, plan, x, t, enc):
@@ -180,82 +189,34 @@ def test_c_erg_acts_on_each_encoders_own_output(model):
         cond.encode(PROMPTS, Condition(RECTIFIED, TextTemperature(0.1, (("t5_xxl", (1, 30)),))))
 
 
-def _state(pipe):
-    modules = [m for c in (pipe.transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.vae) for m in c.modules()]
-    return {
-        "processors": dict(pipe.transformer.attn_processors),
-        "hooks": [(dict(m._forward_hooks), dict(m._forward_pre_hooks)) for m in modules],
-        "weights": {k: v.clone() for k, v in pipe.transformer.state_dict().items()},
-        "training": [m.training for m in modules],
-        "sigmas": pipe.scheduler.sigmas.clone() if pipe.scheduler.sigmas is not None else None,
-    }
-
-
-METHODS = {  # every method of the sampler, with the tiny model's layers
-    "none": [], "cfg": [], "apg": [], "cads": [], "i_erg": TINY, "c_erg": [], "erg": TINY, "erg_apg": TINY,
-    "erg_cads": TINY, "pag": ["guidance.layers=[1,4]"], "seg": ["guidance.layers=[1,4]"],
-    "sag": ["guidance.layers=[1,4]"], "autoguidance": ["guidance.checkpoint=weak"],
-}  # fmt: skip
-
-
-class Memo:
-    """The model's conditioning, each (condition kind, C-ERG setting) encoded once for all the methods."""
-
-    def __init__(self, conditioning):
-        self.conditioning, self.noisable, self.memo = conditioning, conditioning.noisable, {}
-
-    def batch_size(self, conditions):
-        return len(conditions)
-
-    def encode(self, conditions, condition):
-        key = (tuple(conditions), condition.kind, condition.text)
-        if key not in self.memo:
-            self.memo[key] = self.conditioning.encode(conditions, condition)
-        return self.memo[key]
-
-
-def test_every_method_runs_and_nothing_stays_installed(dev, model):
+def test_every_method_runs_and_nothing_stays_installed(dev, model, memo):
     weak = FluxDenoiser(dev, resolution=16, max_sequence_length=TOKENS)  # AutoGuidance's second model (same weights)
-    memo = Memo(model.conditioning())
-    before = _state(dev)
-    for name, overrides in METHODS.items():
-        g = guidance(name, *overrides)
-        models = {"main": model, "weak": weak} if "weak" in g.models else {"main": model}
-        config = SamplerConfig(steps=2, schedule="pipeline")  # the second step is after the kickoff
-        x = GuidedSampler(g, models, {k: memo for k in models}, config=config).sample(noise(), PROMPTS)
-        assert x.shape == (2, 4, 8, 8) and torch.isfinite(x).all(), name
-    after = _state(dev)
-    assert all(before["processors"][k] is after["processors"][k] for k in before["processors"])
-    assert after["hooks"] == before["hooks"] and after["training"] == before["training"]
-    assert all(torch.equal(before["weights"][k], after["weights"][k]) for k in before["weights"])
+    before = state(dev)
+    out = run_every_method(model, weak, "flux_dev", "[1,4]", noise(), PROMPTS, memo)
+    assert all(x.shape == (2, 4, 8, 8) and torch.isfinite(x).all() for x in out.values())
+    assert_same_state(before, state(dev))
     with pytest.raises(ValueError, match=r"guidance.image.layers=\[14, 19\] but the main model has 5 attention layers"):
         GuidedSampler(guidance("erg"), model)  # the real model's preset on the tiny one: a clear error
 
 
-def test_branches_are_batched_one_forward_of_two_rows_per_step(dev, model):
+def test_branches_are_batched_one_forward_of_two_rows_per_step(dev, model, memo):
     """ERG and CFG: one transformer forward of 2 rows per image and step; FluxPipeline's true CFG runs one
     forward per branch (2 forwards of 1 row per image). Batched and one-by-one branches agree."""
-    calls: list[int] = []
-    hook = dev.transformer.register_forward_pre_hook(
-        lambda m, a, kw: calls.append(kw["hidden_states"].shape[0]), with_kwargs=True
-    )
-    try:
-        counts = {}
-        for name in ("cfg", "erg"):
-            calls.clear()
-            out = sampler(model, guidance(name, *(TINY if name == "erg" else []))).sample(noise(), PROMPTS)
-            counts[name] = list(calls)
-            if name == "erg":
-                one_by_one = sampler(model, guidance("erg", *TINY), batch_branches=False).sample(noise(), PROMPTS)
-                torch.testing.assert_close(out, one_by_one, atol=1e-5, rtol=0)
-        calls.clear()
-        pipeline(dev, guidance_scale=3.5, negative_prompt=[""] * 2, true_cfg_scale=2.0)
-        diffusers_calls = list(calls)
-    finally:
-        hook.remove()
     B = len(PROMPTS)
-    assert counts["cfg"] == counts["erg"] == [2 * B] * STEPS  # ours: 1 forward / step, 2 rows / image
-    assert diffusers_calls == [B] * (2 * STEPS)  # the pipeline: 2 forwards / step, 1 row / image each
+    for name in ("cfg", "erg"):
+        g = guidance(name, *(TINY if name == "erg" else []))
+        with forward_rows(dev.transformer) as rows:
+            out = sampler(model, g, memo).sample(noise(), PROMPTS)
+        assert rows == [2 * B] * STEPS, name  # ours: 1 forward / step, 2 rows / image
+        if name == "erg":
+            one_by_one = sampler(model, g, memo, batch_branches=False).sample(noise(), PROMPTS)
+            torch.testing.assert_close(out, one_by_one, atol=1e-5, rtol=0)
+    pos, null = memo.memo[(tuple(PROMPTS), "cond", None)], memo.memo[(tuple(PROMPTS), "null", None)]
+    with forward_rows(dev.transformer) as rows:
+        dev(prompt_embeds=pos["context"], pooled_prompt_embeds=pos["pooled"], negative_prompt_embeds=null["context"],
+            negative_pooled_prompt_embeds=null["pooled"], true_cfg_scale=2.0, guidance_scale=3.5,
+            num_inference_steps=STEPS, latents=pack(noise()), height=16, width=16, output_type="latent")  # fmt: skip
+    assert rows == [B] * (2 * STEPS)  # the pipeline: 2 forwards / step, 1 row / image each
 
 
 def test_sample_py_model_flux_dev_end_to_end(dev, tmp_path):
