@@ -21,6 +21,7 @@ from erg.integrations.pixart import PixArtDenoiser, SelfAttention, load_pixart_s
 from erg.sampler import GuidedSampler, SamplerConfig
 from erg.sampling import sample_noise
 from tests.conftest import compose
+from tests.diffusers_checks import Memo
 from tests.pixart_tiny import PROMPTS, TOKENS, tiny_pixart_pipeline
 
 STEPS = 4  # DDIM trailing: 1000 / 4 = its stride, so its timesteps are a grid our sampler can take
@@ -255,15 +256,16 @@ def test_every_method_runs_batched_and_leaves_nothing_behind(model, pipe):
     """Every guidance method of the sampler on PixArt-Sigma (its presets), 2 steps; one transformer forward per
     model and stage and step (SAG: a second stage; AutoGuidance: its weak model), each of all the branches' rows."""
     before = state(pipe)
+    memo = Memo(model.conditioning())  # each prompt encoding once across the methods
     calls: list[int] = []
     hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: calls.append(a[0].shape[0]), with_kwargs=True)
     try:
         for name in METHODS:
             calls.clear()
             g = guidance(name, *(["guidance.checkpoint=/w/weak"] if name == "autoguidance" else []))
-            models = {"main": model, "weak": model} if name == "autoguidance" else model  # the same weights as weak
-            sampler = GuidedSampler(g, models, config=SamplerConfig(steps=2, schedule="pipeline"))
-            x = sampler.sample(noise(), PROMPTS)
+            models = {"main": model, "weak": model} if "weak" in g.models else {"main": model}  # weak: same weights
+            config = SamplerConfig(steps=2, schedule="pipeline")
+            x = GuidedSampler(g, models, {k: memo for k in models}, config=config).sample(noise(), PROMPTS)
             assert x.shape == (2, 4, 8, 8) and torch.isfinite(x).all(), name
             groups = {(b.stage, b.model) for b in g.branches}  # one forward each per step
             assert len(calls) == 2 * len(groups), name

@@ -21,6 +21,7 @@ from erg.integrations.wan import SelfAttention, WanDenoiser, load_wan
 from erg.sampler import GuidedSampler, SamplerConfig
 from erg.sampling import sample_noise
 from tests.conftest import compose
+from tests.diffusers_checks import Memo
 from tests.wan_tiny import FRAMES, PROMPTS, TOKENS, tiny_wan_pipeline, wan_variant
 
 STEPS = 4
@@ -242,6 +243,7 @@ def test_c_erg_acts_on_umt5_only(model):
 # --- every method, nothing left behind, cost ------------------------------------------------------------
 def test_every_method_runs_batched_and_leaves_nothing_behind(model, pipe):
     before = state(pipe)
+    memo = Memo(model.conditioning())  # each prompt encoding once across the methods
     calls: list[int] = []
     hook = pipe.transformer.register_forward_pre_hook(
         lambda m, a, kw: calls.append(kw["hidden_states"].shape[0]), with_kwargs=True
@@ -250,8 +252,9 @@ def test_every_method_runs_batched_and_leaves_nothing_behind(model, pipe):
         for name in METHODS:
             calls.clear()
             g = guidance(name, *(["guidance.checkpoint=/w/weak"] if name == "autoguidance" else []))
-            models = {"main": model, "weak": model} if name == "autoguidance" else model
-            x = GuidedSampler(g, models, config=SamplerConfig(steps=2, schedule="pipeline")).sample(noise(), PROMPTS)
+            models = {"main": model, "weak": model} if "weak" in g.models else {"main": model}
+            config = SamplerConfig(steps=2, schedule="pipeline")
+            x = GuidedSampler(g, models, {k: memo for k in models}, config=config).sample(noise(), PROMPTS)
             assert x.shape == (2, *SHAPE) and torch.isfinite(x).all(), name
             groups = {(b.stage, b.model) for b in g.branches}  # one forward each per step
             assert len(calls) == 2 * len(groups), name
