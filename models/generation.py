@@ -98,6 +98,8 @@ def _instantiate_model(model_cfg: dict[str, Any]) -> torch.nn.Module:
     except InstantiationException as err:
         if isinstance(err.__cause__, ConfigError | FileNotFoundError):
             raise err.__cause__ from None
+        if isinstance(err.__cause__, ValueError) and str(model_cfg.get("_target_", "")).startswith("erg.integrations."):
+            raise ConfigError(str(err.__cause__)) from None  # a diffusers family's bad setting or folder: one line
         raise
 
 
@@ -111,6 +113,13 @@ def load_model(container: dict[str, Any], path: str | None = None) -> tuple[torc
     """
     from models.checkpoints import load_into, read_checkpoint
 
+    main_cfg = container.get("model") or {}
+    if path and str(main_cfg.get("_target_", "")).startswith("erg.integrations."):
+        # a public diffusers model's weak model (AutoGuidance): another pipeline folder of the same family
+        model_cfg = {**main_cfg, "path": str(path)}
+        model = _instantiate_model(model_cfg)
+        info = {"model": model_cfg, "autoencoder": None, "text_encoder": None, "decode": model.decode}
+        return model.eval().requires_grad_(False), info
     path = path or container.get("checkpoint")
     autoencoder = text_encoder = None
     if path:
@@ -353,11 +362,22 @@ def _save_run_config(container: dict[str, Any], out_dir: Path, nfe: int) -> None
     atomic_write_text(out_dir / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(run_info)))
 
 
+def _model_choice(cfg: DictConfig) -> str | None:
+    """The name of the chosen model config (model=flux_dev -> "flux_dev"), from Hydra's record of the run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        choice = HydraConfig.get().runtime.choices.get("model")
+    else:
+        choice = OmegaConf.select(cfg, "hydra.runtime.choices.model", default=None)
+    return None if choice in (None, "null") else str(choice)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Sample (or, with mode=grid, draw a comparison grid); returns a summary."""
     container = validate(cfg)
-    if container["mode"] == "grid":
-        return run_grid(container)
+    if container["mode"] == "grid":  # the rows get the chosen model's presets (hydra's record of the choice)
+        return run_grid(container, model_choice=_model_choice(cfg))
 
     from tqdm import tqdm
 
@@ -416,13 +436,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
 
 # --- grid mode -------------------------------------------------------------------------------------
-def compose_guidance(entry: str) -> tuple[str, dict[str, Any]]:
-    """A grid entry "erg image.layers=[2,4] scale=2" -> (label, the resolved guidance config)."""
+def compose_guidance(entry: str, model: str | None = None) -> tuple[str, dict[str, Any]]:
+    """A grid entry "erg image.layers=[2,4] scale=2" -> (label, the resolved guidance config). model: the
+    model config's name (e.g. flux_dev), so that its presets apply (configs/presets/: erg means erg_flux there)."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
     name, *overrides = entry.split()
-    overrides = [f"guidance={name}", *(f"guidance.{o}" for o in overrides)]
+    overrides = [*([f"model={model}"] if model else []), f"guidance={name}", *(f"guidance.{o}" for o in overrides)]
     try:
         if GlobalHydra.instance().is_initialized():
             cfg = compose(config_name="sample", overrides=overrides)
@@ -434,8 +455,9 @@ def compose_guidance(entry: str) -> tuple[str, dict[str, Any]]:
     return entry, OmegaConf.to_container(cfg.guidance, resolve=True)
 
 
-def run_grid(container: dict[str, Any]) -> dict[str, Any]:
-    """Rows = guidance configs (grid.methods), columns = the same (noise, class) pairs."""
+def run_grid(container: dict[str, Any], model_choice: str | None = None) -> dict[str, Any]:
+    """Rows = guidance configs (grid.methods, with the presets of `model_choice`, the model config's name),
+    columns = the same (noise, class) pairs."""
     from PIL import Image, ImageDraw
 
     from models.io import image_grid, label_font, save_image, text_width
@@ -457,7 +479,7 @@ def run_grid(container: dict[str, Any]) -> dict[str, Any]:
         labels = [classes[j % len(classes)] for j in range(n)] if classes else None
     rows, names = [], []
     for entry in grid_cfg["methods"]:
-        label, guidance_cfg = compose_guidance(entry)
+        label, guidance_cfg = compose_guidance(entry, model=model_choice)
         sampler = build_sampler(container, guidance_cfg, model, conditioning)
         x = sampler.sample_indices(range(n), labels, base_seed=container["seed"])
         images = decode(x).float().cpu()

@@ -240,6 +240,16 @@ def test_sample_py_model_flux_dev_end_to_end(dev, tmp_path):
     images, records = next(SampleStore.open(summary["out_dir"]).iter_batches())
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.uint8 and images.std() > 0
     assert [r["prompt"] for r in records] == PROMPTS
+    # AutoGuidance's weak model on a diffusers family: another pipeline folder of the family (here the same one)
+    from models.generation import compose_guidance, load_model
+    from models.runtime import ConfigError
+
+    weak, _ = load_model(container, path=str(folder))
+    assert isinstance(weak, FluxDenoiser) and weak.transformer is not None
+    # mode=grid rows get the model's presets; a bad setting is one clear line (ConfigError), not a traceback
+    assert compose_guidance("erg", model="flux_dev")[1]["name"] == "erg_flux"
+    with pytest.raises(ConfigError, match="resolution 18 is not a multiple of 4 .*model.resolution=16"):
+        load_model({**container, "model": {**container["model"], "resolution": 18}})
 
 
 def test_flux_presets_follow_table_7_scaled_to_57_layers():
@@ -266,3 +276,19 @@ def test_missing_or_wrong_weights_are_a_clear_error(schnell, tmp_path):
     schnell.save_pretrained(folder)
     with pytest.raises(ValueError, match="holds a Flux.1-schnell transformer .* use model=flux_schnell"):
         load_flux(str(folder), variant="dev", resolution=16)
+
+
+def test_cpu_offload_moves_one_component_group_at_a_time_and_samples_the_same(dev, model, memo):
+    """The offload bookkeeping on CPU (the execution device is the CPU here, so only the order is visible; on a
+    GPU the resident group is the only one there): text encoders to encode, transformer to denoise, VAE to decode."""
+    offloaded = FluxDenoiser(dev, resolution=16, max_sequence_length=TOKENS, offload=True).to("cpu")
+    assert offloaded.execution_device == torch.device("cpu") and model.execution_device is None
+    seen = []
+    place = offloaded._place
+    offloaded._place = lambda group: (seen.append(group), place(group))[1]
+    x = sampler(offloaded, guidance("erg", *TINY)).sample(noise(), PROMPTS)
+    offloaded.decode(x)
+    assert list(dict.fromkeys(seen)) == ["text", "transformer", "vae"] and offloaded._resident == "vae"
+    torch.testing.assert_close(x, sampler(model, guidance("erg", *TINY), memo).sample(noise(), PROMPTS), atol=0, rtol=0)
+    with pytest.raises(ValueError, match="with offload, set the dtype when loading"):
+        offloaded.to(torch.float16)

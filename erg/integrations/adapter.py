@@ -128,21 +128,36 @@ class AttentionLayer:
 
 @contextmanager
 def installed(transformer: nn.Module, processors: Mapping[str, Any]) -> Iterator[dict[str, Any]]:
-    """Set `processors` (name -> processor) on `transformer` while active; every previous processor (the same
-    objects) is set back on exit, also when the body raises. Yields the processors that were there before.
-    A name the transformer lacks is an error (never a silent no-op)."""
-    before = transformer.attn_processors
-    missing = sorted(set(processors) - set(before))
+    """Set `processors` (name in `transformer.attn_processors` -> processor) on `transformer` while active; every
+    previous processor (the same objects) is set back on exit, also when the body raises. Yields the processors
+    that were there before. A name the transformer lacks is an error (never a silent no-op).
+
+    Only the named attention modules are touched (their public `set_processor`), not the whole module tree,
+    so installing for one forward costs O(layers) Python calls."""
+    modules, missing = {}, []
+    for name in processors:
+        try:
+            module = transformer.get_submodule(name.removesuffix(".processor"))
+        except AttributeError:
+            module = None
+        if not name.endswith(".processor") or not callable(getattr(module, "set_processor", None)):
+            missing.append(name)
+        else:
+            modules[name] = module
     if missing:
+        names = sorted(transformer.attn_processors)
         raise ValueError(
-            f"{type(transformer).__name__} has no attention processor(s) {missing[:3]}"
-            f"{' ...' if len(missing) > 3 else ''}; its processors are {sorted(before)[:3]} ..."
+            f"{type(transformer).__name__} has no attention processor(s) {sorted(missing)[:3]}"
+            f"{' ...' if len(missing) > 3 else ''}; its processors are {names[:3]} ..."
         )
-    transformer.set_attn_processor({**before, **processors})
+    before = {name: module.processor for name, module in modules.items()}
     try:
-        yield dict(before)
+        for name, processor in processors.items():
+            modules[name].set_processor(processor)
+        yield before
     finally:
-        transformer.set_attn_processor(dict(before))
+        for name, processor in before.items():
+            modules[name].set_processor(processor)
 
 
 # --- the adapter -----------------------------------------------------------------------------------------

@@ -1,0 +1,331 @@
+"""Sampling benchmark of the public diffusers families (SD3, SD3.5, Flux.1) in the shared sampler: ERG vs CFG.
+
+    python scripts/benchmark_diffusers.py --family flux_dev                   # GPU: Flux.1-dev's real transformer
+    python scripts/benchmark_diffusers.py --family sd35_large --out docs/benchmarks/diffusers_sd35_large_<gpu>.md
+    python scripts/benchmark_diffusers.py --family flux_dev --size tiny --device cpu     # CPU smoke, seconds
+
+ERG must cost what CFG costs (target: ERG / CFG wall time <= 1.05): two rows per image and ONE transformer
+forward per step (diffusers' guiders and FluxPipeline's true CFG run one forward per branch), the weak prompt
+encoded once per run. Weights are random (the cost does not depend on them): `--size real` builds the family's
+real transformer config (as built from those configs: Flux.1 19 + 38 blocks of 3072, 11.9B parameters;
+SD3.5-large 38 x 2432, 8.06B; SD3.5-medium 24 x 1536 with 13 dual blocks, 2.24B; SD3-medium 24 x 1536, 2.03B)
+in bf16 on the device at 1024px with thin random text encoders of the real output widths and layer counts (so
+Table 7's C-ERG ranges apply; their cost is a small part of a run), and a thin VAE (no decoding is timed).
+`--size tiny` is the tests' tiny pipeline shapes (CPU), with a word-level tokenizer built in code (no files).
+
+For each method (sample.py's configs with the family's presets: erg = Table 7's SD3 row scaled to the model) one
+untimed run (warm-up), then `--repeats` timed runs of the full sampler from prompts to latents (encoding
+included, no decode). Reported: NFE per step, transformer forwards per step and rows per forward (counted),
+img/s, ms per step, peak memory, ERG / CFG wall time. `bench(family, size, budget_s=...)` is the callable stage
+(scripts/benchmark_all.py): a method whose run would not fit the remaining budget is skipped with a line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from scripts.benchmark import setup_device, sync, write_results
+
+FAMILIES = ("sd3_medium", "sd35_large", "sd35_medium", "flux_dev", "flux_schnell")
+METHODS = ("none", "cfg", "erg", "pag", "seg")
+PROMPTS = [
+    "a photo of a cat sitting on a windowsill",
+    "a red double-decker bus on a city street",
+    "a bowl of fruit on a wooden table",
+    "a mountain lake at sunrise with mist over the water",
+]
+
+# The real transformers' configs (diffusers' config.json of each release), and the tiny ones of the tests.
+REAL = {
+    "sd3_medium": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                       num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                       pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192),
+    "sd35_large": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=38, attention_head_dim=64,
+                       num_attention_heads=38, joint_attention_dim=4096, caption_projection_dim=2432,
+                       pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=192, qk_norm="rms_norm"),
+    "sd35_medium": dict(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                        num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                        pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384, qk_norm="rms_norm",
+                        dual_attention_layers=tuple(range(13))),
+    "flux_dev": dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                     num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                     axes_dims_rope=(16, 56, 56)),
+}  # fmt: skip
+REAL["flux_schnell"] = {**REAL["flux_dev"], "guidance_embeds": False}
+TINY = {
+    "sd3_medium": dict(sample_size=8, patch_size=2, in_channels=4, num_layers=8, attention_head_dim=8,
+                       num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=16,
+                       pooled_projection_dim=20, out_channels=4, pos_embed_max_size=8),
+    "flux_dev": dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=8,
+                     num_attention_heads=2, joint_attention_dim=24, pooled_projection_dim=8, guidance_embeds=True,
+                     axes_dims_rope=(2, 2, 4)),
+}  # fmt: skip
+TINY["sd35_large"] = {**TINY["sd3_medium"], "qk_norm": "rms_norm"}
+TINY["sd35_medium"] = {**TINY["sd35_large"], "dual_attention_layers": (0, 1, 2, 3)}
+TINY["flux_schnell"] = {**TINY["flux_dev"], "guidance_embeds": False}
+# size -> (resolution, VAE blocks (factor 2 ** (n - 1)), VAE latent channels, CLIP-L / OpenCLIP-G / T5 widths)
+SIZES = {"tiny": (16, 2, 4, (8, 12, 24)), "real": (1024, 4, 16, (768, 1280, 4096))}
+
+
+# --- random pipelines of a size ----------------------------------------------------------------------------
+def _tokenizer(max_length: int) -> Any:
+    """A word-level tokenizer over the benchmark's prompts (no tokenizer files needed): pad 0, unk 1, bos 2, eos 3."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for p in PROMPTS for w in p.split()})
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[BOS]": 2, "[EOS]": 3, **{w: i + 4 for i, w in enumerate(words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    specials = [("[BOS]", 2), ("[EOS]", 3)]
+    tok.post_processor = processors.TemplateProcessing(single="[BOS] $A [EOS]", special_tokens=specials)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]",
+                                   eos_token="[EOS]", model_max_length=max_length)  # fmt: skip
+
+
+VOCAB = 4 + len({w for p in PROMPTS for w in p.split()})
+
+
+def _clip(layers: int, width: int, projection: bool) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=VOCAB, hidden_size=width, intermediate_size=256, num_hidden_layers=layers,
+                            num_attention_heads=2, max_position_embeddings=77, projection_dim=width, pad_token_id=0,
+                            bos_token_id=2, eos_token_id=3)  # fmt: skip
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _t5(width: int) -> Any:
+    from transformers import T5Config, T5EncoderModel
+
+    config = T5Config(vocab_size=VOCAB, d_model=width, d_kv=32, d_ff=256, num_layers=24, num_heads=2)
+    return T5EncoderModel(config).eval()
+
+
+def build_pipeline(family: str, size: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Any:
+    """The family's diffusers pipeline at `size` with random weights, built on `device` in `dtype`."""
+    import diffusers
+
+    resolution, vae_blocks, latent, (w_l, w_g, w_t5) = SIZES[size]
+    config = (REAL if size == "real" else TINY)[family]
+    torch.manual_seed(seed)
+    with torch.device(device):
+        vae = diffusers.AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * vae_blocks,
+            up_block_types=("UpDecoderBlock2D",) * vae_blocks, block_out_channels=(8,) * vae_blocks,
+            latent_channels=latent, layers_per_block=1, norm_num_groups=4, sample_size=resolution,
+        )  # fmt: skip
+        t5 = _t5(w_t5)
+        clip_l = _clip(12, w_l, projection=not family.startswith("flux"))
+        if family.startswith("flux"):
+            transformer = diffusers.FluxTransformer2DModel(**config)
+            dynamic = family == "flux_dev"
+            scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0 if dynamic else 1.0,
+                                                                  use_dynamic_shifting=dynamic)  # fmt: skip
+            pipe = diffusers.FluxPipeline(
+                scheduler=scheduler, vae=vae, text_encoder=clip_l, tokenizer=_tokenizer(77), text_encoder_2=t5,
+                tokenizer_2=_tokenizer(512), transformer=transformer,
+            )  # fmt: skip
+        else:
+            transformer = diffusers.SD3Transformer2DModel(**config)
+            pipe = diffusers.StableDiffusion3Pipeline(
+                transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                text_encoder=clip_l, tokenizer=_tokenizer(77), text_encoder_2=_clip(32, w_g, projection=True),
+                tokenizer_2=_tokenizer(77), text_encoder_3=t5, tokenizer_3=_tokenizer(512),
+            )  # fmt: skip
+    for name in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            module.to(dtype=dtype).eval().requires_grad_(False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def build_model(family: str, size: str, device: torch.device, dtype: torch.dtype, offload: bool = False) -> Any:
+    """The family's adapter (erg/integrations/) around a random pipeline of `size`."""
+    pipe = build_pipeline(family, size, torch.device("cpu") if offload else device, dtype)
+    resolution = SIZES[size][0]
+    tokens = 16 if size == "tiny" else 512 if family == "flux_dev" else 256
+    if family.startswith("flux"):
+        from erg.integrations.flux import FluxDenoiser
+
+        g = 3.5 if family == "flux_dev" else None
+        model = FluxDenoiser(pipe, resolution=resolution, max_sequence_length=tokens, distilled_guidance=g,
+                             offload=offload)  # fmt: skip
+    else:
+        from erg.integrations.sd3 import SD3Denoiser
+        from erg.integrations.sd35 import SD35Denoiser
+
+        cls = SD35Denoiser if family.startswith("sd35") else SD3Denoiser
+        model = cls(pipe, resolution=resolution, max_sequence_length=tokens, offload=offload)
+    return model.to(device)
+
+
+# --- the measurement ---------------------------------------------------------------------------------------
+def method_config(family: str, method: str, num_layers: int) -> dict:
+    """sample.py's config of `method` for `model=<family>` (its presets); layer ranges that do not fit a tiny
+    model are rescaled by the presets' rule ([round(n / 4), round(n / 3)), Table 7's SD3 row)."""
+    from models.generation import compose_guidance
+
+    _, cfg = compose_guidance(method, model=family)
+    lo = round(num_layers / 4)
+    fitted = [lo, max(round(num_layers / 3), lo + 1)]
+    for holder in (cfg.get("image"), cfg):
+        layers = holder.get("layers") if isinstance(holder, dict) else None
+        if isinstance(layers, list) and max(layers) > num_layers:
+            holder["layers"] = fitted
+    return cfg
+
+
+def _time_method(model: Any, family: str, method: str, steps: int, batch: int, repeats: int, device) -> dict:
+    from erg.guidance import build_guidance
+    from erg.sampler import GuidedSampler, SamplerConfig
+
+    guidance = build_guidance(method_config(family, method, model.num_attention_layers))
+    sampler = GuidedSampler(guidance, model, config=SamplerConfig(steps=steps, schedule="pipeline"))
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(batch)]
+    rows: list[int] = []
+    hook = model.transformer.register_forward_pre_hook(
+        lambda m, a, kw: rows.append(kw["hidden_states"].shape[0]), with_kwargs=True
+    )
+    try:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        t0 = time.perf_counter()
+        sampler.sample_indices(range(batch), prompts)  # warm-up
+        sync(device)
+        warmup_s = time.perf_counter() - t0
+        forwards = len(rows)
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            sampler.sample_indices(range(batch), prompts)
+            sync(device)
+            times.append(time.perf_counter() - t0)
+    finally:
+        hook.remove()
+    seconds = min(times)
+    return {
+        "method": method,
+        "config": guidance.name,
+        "nfe_per_step": guidance.nfe,
+        "forwards_per_step": round(forwards / steps, 3),
+        "rows_per_forward": max(rows[:forwards]),
+        "img_per_s": round(batch / seconds, 4),
+        "ms_per_step": round(1000 * seconds / steps, 2),
+        "seconds": round(seconds, 3),
+        "warmup_s": round(warmup_s, 2),
+        "peak_mem_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+    }
+
+
+def ratio(results: list[dict]) -> float | None:
+    by = {r["method"]: r for r in results}
+    return round(by["erg"]["seconds"] / by["cfg"]["seconds"], 3) if "erg" in by and "cfg" in by else None
+
+
+def bench(
+    family: str,
+    size: str = "real",
+    device: str | None = None,
+    methods: tuple[str, ...] = METHODS,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    repeats: int = 1,
+    budget_s: float | None = None,
+    offload: bool = False,
+    dtype: str = "auto",
+) -> dict:
+    """One family at one size: {"device", "family", "size", "steps", "batch_size", "results", "skipped",
+    "erg_over_cfg"}. Within `budget_s` seconds (None: no limit), a method whose warm-up + timed runs (estimated
+    from the previous method) would not fit is skipped with a line, as are the ones after it."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r}; choose tiny or real")
+    start = time.perf_counter()
+    dev, device_name = setup_device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32, "bfloat16": torch.bfloat16,
+                   "float32": torch.float32}[dtype]  # fmt: skip
+    model = build_model(family, size, dev, torch_dtype, offload=offload)
+    steps = steps or (2 if size == "tiny" else {"flux_schnell": 4, "sd35_medium": 40}.get(family, 28))
+    batch = batch_size or (2 if size == "tiny" else 1)
+    params = sum(p.numel() for p in model.transformer.parameters())
+    results, skipped, last = [], [], None
+    for method in methods:
+        elapsed = time.perf_counter() - start
+        if budget_s is not None and last is not None and elapsed + last > budget_s:
+            skipped.append(method)
+            print(f"skipped {family} {method}: ~{last:.0f} s would not fit the {budget_s:.0f} s budget "
+                  f"({elapsed:.0f} s used)", flush=True)  # fmt: skip
+            continue
+        t0 = time.perf_counter()
+        r = _time_method(model, family, method, steps, batch, repeats, dev)
+        last = time.perf_counter() - t0
+        print(json.dumps({"family": family, **r}), flush=True)
+        results.append(r)
+    return {
+        "device": device_name, "family": family, "size": size, "dtype": str(torch_dtype).removeprefix("torch."),
+        "offload": offload, "transformer_params_b": params / 1e9, "steps": steps, "batch_size": batch,
+        "resolution": SIZES[size][0], "repeats": repeats, "results": results, "skipped": skipped,
+        "erg_over_cfg": ratio(results), "seconds": round(time.perf_counter() - start, 1),
+    }  # fmt: skip
+
+
+def markdown(summary: dict) -> str:
+    s = summary
+    lines = [
+        f"{s['family']} ({s['size']} size: a {s['transformer_params_b']:.3g}B-parameter transformer, random weights, "
+        f"{s['dtype']}{', CPU offload' if s['offload'] else ''}) at {s['resolution']}px, batch {s['batch_size']}, "
+        f"{s['steps']} Euler steps on the pipeline's grid, on **{s['device']}** (torch {torch.__version__}); best "
+        f"of {s['repeats']} timed run(s) after one warm-up run, prompt encoding included, no decoding.",
+        "",
+        "| method | config | NFE / step | forwards / step | rows / forward | img/s | ms / step | peak memory (GiB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in s["results"]:
+        mem = r["peak_mem_gib"] if r["peak_mem_gib"] is not None else "n/a"
+        cells = [r["method"], r["config"], r["nfe_per_step"], r["forwards_per_step"], r["rows_per_forward"],
+                 r["img_per_s"], r["ms_per_step"], mem]  # fmt: skip
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    if s["erg_over_cfg"] is not None:
+        lines.append(f"\nERG / CFG wall time: {s['erg_over_cfg']} (target <= 1.05)")
+    if s["skipped"]:
+        lines.append(f"\nSkipped (time budget): {', '.join(s['skipped'])}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", default="flux_dev", choices=FAMILIES)
+    p.add_argument("--size", default="real", choices=sorted(SIZES))
+    p.add_argument("--device", default=None)
+    p.add_argument("--methods", nargs="+", default=list(METHODS))
+    p.add_argument("--steps", type=int, default=None, help="default: the family's (28; SD3.5-medium 40; schnell 4)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 1 (real), 2 (tiny)")
+    p.add_argument("--repeats", type=int, default=1)
+    p.add_argument("--budget-s", type=float, default=None)
+    p.add_argument("--offload", action="store_true", help="components on the CPU, one group on the device at a time")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"])
+    p.add_argument("--out", type=Path, default=None, help="write the markdown table here")
+    p.add_argument("--json", type=Path, default=None, help="write the raw results here")
+    args = p.parse_args(argv)
+    summary = bench(args.family, args.size, args.device, tuple(args.methods), args.steps, args.batch_size,
+                    args.repeats, args.budget_s, args.offload, args.dtype)  # fmt: skip
+    table = markdown(summary)
+    print(table)
+    write_results(args.out, args.json, table, summary)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
