@@ -64,6 +64,11 @@ def assert_close(ours, reference, rel=1e-5):
     torch.testing.assert_close(ours, reference, atol=rel * reference.abs().max().item(), rtol=0)
 
 
+def rows_of(args, kwargs) -> int:
+    """Rows of a transformer forward (the pipeline passes the latents positionally, our adapter by name)."""
+    return (kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]).shape[0]
+
+
 def state(pipe):
     """Everything ERG could leave behind: processors (by identity), hooks, weights, modes."""
     modules = [m for c in (pipe.transformer, pipe.text_encoder, pipe.vae) for m in c.modules()]
@@ -258,7 +263,7 @@ def test_every_method_runs_batched_and_leaves_nothing_behind(model, pipe):
     before = state(pipe)
     memo = Memo(model.conditioning())  # each prompt encoding once across the methods
     calls: list[int] = []
-    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: calls.append(a[0].shape[0]), with_kwargs=True)
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: calls.append(rows_of(a, kw)), with_kwargs=True)
     try:
         for name in METHODS:
             calls.clear()
@@ -281,7 +286,7 @@ def test_every_method_runs_batched_and_leaves_nothing_behind(model, pipe):
 def test_erg_costs_what_the_pipelines_cfg_costs(model, pipe):
     """ERG and CFG: one transformer forward of 2 rows per image and step, as PixArtSigmaPipeline's batched CFG."""
     rows: list[int] = []
-    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: rows.append(a[0].shape[0]), with_kwargs=True)
+    hook = pipe.transformer.register_forward_pre_hook(lambda m, a, kw: rows.append(rows_of(a, kw)), with_kwargs=True)
     try:
         plain_pipeline(pipe, steps=2, guidance_scale=4.5)
         pipeline_rows = list(rows)

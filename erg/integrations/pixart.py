@@ -193,7 +193,7 @@ class PixArtDenoiser(DiffusersDenoiser):
         dtype = self.transformer.dtype
         m = marginal_std(t).view(-1, 1, 1, 1)
         out = self.transformer(
-            (x / m).to(dtype),  # its x_s
+            hidden_states=(x / m).to(dtype),  # its x_s
             encoder_hidden_states=context.to(dtype),
             encoder_attention_mask=context_mask,
             timestep=self.timestep(t).to(torch.float32),
