@@ -6,6 +6,9 @@
       shards/00001000/           (format="png") one PNG per sample, 00001000.png, 00001001.png, ...
       shards/00001000.jsonl
 
+Videos (text-to-video models, e.g. Wan) are stored the same way: arr_0 is uint8 (n, F, H, W, C), and in
+PNG format each sample is a folder of its frames, shards/00001000/00001000/0000.png, 0001.png, ...
+
 Shard k holds the sample indices [k * shard_size, (k + 1) * shard_size) (the last one may be
 shorter). The records file is written first and the images last, each atomically, so a shard whose
 images exist is complete: a rerun skips it, an interrupted shard is simply redone. Ranks of a
@@ -41,6 +44,15 @@ def shards_for_rank(num_shards: int, rank: int, world_size: int) -> list[int]:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"invalid rank {rank} for world size {world_size}")
     return list(range(rank, num_shards, world_size))
+
+
+def _save_png(image: np.ndarray, path: Path) -> None:
+    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(path)
+
+
+def _load_png(path: Path) -> np.ndarray:
+    arr = np.array(Image.open(path))
+    return arr[..., None] if arr.ndim == 2 else arr
 
 
 class SampleStore:
@@ -106,12 +118,13 @@ class SampleStore:
 
     # --- writing ---------------------------------------------------------------------------------
     def write_shard(self, shard: int, images: np.ndarray, records: list[dict[str, Any]]) -> None:
-        """Write shard `shard`: images uint8 (n, H, W, C) for its indices, with one record each."""
+        """Write shard `shard`: images uint8 (n, H, W, C) (or videos (n, F, H, W, C)) for its indices, with one
+        record each."""
         indices = list(self.shard_indices(shard))
-        if images.dtype != np.uint8 or images.ndim != 4 or len(images) != len(indices):
+        if images.dtype != np.uint8 or images.ndim not in (4, 5) or len(images) != len(indices):
             raise ValueError(
-                f"shard {shard} needs uint8 images of shape ({len(indices)}, H, W, C), "
-                f"got {images.dtype} {images.shape}"
+                f"shard {shard} needs uint8 images of shape ({len(indices)}, H, W, C) or videos "
+                f"({len(indices)}, F, H, W, C), got {images.dtype} {images.shape}"
             )
         if [r["index"] for r in records] != indices:
             raise ValueError(f"shard {shard} records must carry indices {indices[0]}..{indices[-1]} in order")
@@ -126,7 +139,12 @@ class SampleStore:
         tmp = Path(tempfile.mkdtemp(dir=self.shard_dir, prefix=f".{final.name}."))
         try:
             for i, img in zip(indices, images):
-                Image.fromarray(img[..., 0] if img.shape[-1] == 1 else img).save(tmp / f"{i:08d}.png")
+                if img.ndim == 3:
+                    _save_png(img, tmp / f"{i:08d}.png")
+                    continue
+                (tmp / f"{i:08d}").mkdir()
+                for f, frame in enumerate(img):  # a video: one PNG per frame
+                    _save_png(frame, tmp / f"{i:08d}" / f"{f:04d}.png")
             if final.exists():  # a previous, interrupted attempt cannot leave a complete folder behind
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -146,12 +164,14 @@ class SampleStore:
                 return data["arr_0"]
         images = []
         for i in self.shard_indices(shard):
-            arr = np.array(Image.open(path / f"{i:08d}.png"))
-            images.append(arr[..., None] if arr.ndim == 2 else arr)
+            if (path / f"{i:08d}.png").is_file():
+                images.append(_load_png(path / f"{i:08d}.png"))
+            else:  # a video's frames
+                images.append(np.stack([_load_png(f) for f in sorted((path / f"{i:08d}").glob("*.png"))]))
         return np.stack(images)
 
     def iter_batches(self, batch_size: int = 256) -> Iterator[tuple[np.ndarray, list[dict[str, Any]]]]:
-        """(uint8 NHWC images, records) in index order over the complete store, shard by shard."""
+        """(uint8 NHWC images, or NFHWC videos, records) in index order over the complete store, shard by shard."""
         missing = self.missing_shards()
         if missing:
             raise FileNotFoundError(

@@ -17,7 +17,7 @@ attention keep plain attention; `Temperature` can take the text segment instead)
 - `Temperature`: ERG's Algorithm 1 (logit temperature tau, K energy steps with alpha, gamma), or
   the paper's Listing 2 (`update="listing2"`);
 - `Identity`: PAG, the image-to-image attention map replaced by the identity (output = V);
-- `SmoothedEnergy`: SEG, image queries blurred on their 2D grid (sigma = inf: their mean);
+- `SmoothedEnergy`: SEG, image queries blurred on their 2D grid (a video's 3D grid; sigma = inf: their mean);
 - `Capture`: SAG and the analyses, records the attention probabilities in a sink the caller owns
   and returns the plain output;
 - `SkipBlock`: skip-layer guidance (SLG, STG-R): the whole transformer block is the identity for its
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from erg.blur import gaussian_blur_2d
+from erg.blur import gaussian_blur_2d, gaussian_blur_3d
 
 __all__ = [
     "UPDATES",
@@ -66,13 +66,14 @@ class Site:
     layer: index of the attention layer in the model (0-based, in forward order).
     image: the token range holding image tokens (all tokens for DiT; the image segment of MMDiT's
         joint attention). Image-level rectifiers act on these queries only.
-    grid: (height, width) of the image tokens, for rectifiers that need their 2D layout (SEG).
+    grid: (height, width) of the image tokens, or (frames, height, width) of a video's (row-major in that
+        order), for rectifiers that need their layout (SEG, SAG's mask).
     text: the token range holding text tokens in joint attention (None: the layer has none).
     """
 
     layer: int
     image: slice = field(default_factory=lambda: slice(None))
-    grid: tuple[int, int] | None = None
+    grid: tuple[int, ...] | None = None
     text: slice | None = None
 
     def segment(self, name: str) -> slice:
@@ -188,19 +189,24 @@ def _attend_outside(q: Tensor, k: Tensor, v: Tensor, tokens: slice) -> Tensor:
     return F.scaled_dot_product_attention(q, k, v)
 
 
-def _image_grid(q_img: Tensor, site: Site, who: str) -> tuple[int, int]:
+def _image_grid(q_img: Tensor, site: Site, who: str) -> tuple[int, ...]:
+    """The image tokens' grid, (h, w) or a video's (frames, h, w), checked against the number of image tokens."""
     if site.grid is None:
         raise ValueError(
-            f"{who} needs the 2D grid of the image tokens, but layer {site.layer} reports Site.grid=None; "
+            f"{who} needs the grid of the image tokens, but layer {site.layer} reports Site.grid=None; "
             "the model must pass its token grid to the attention seam"
         )
-    h, w = site.grid
-    if h * w != q_img.shape[2]:
+    if len(site.grid) not in (2, 3):
         raise ValueError(
-            f"{who}: layer {site.layer} has {q_img.shape[2]} image tokens but its grid is {h}x{w}; "
-            "the Site's image segment and grid disagree"
+            f"{who}: layer {site.layer} reports the grid {tuple(site.grid)}; the seam knows image grids (h, w) and "
+            "video grids (frames, h, w)"
         )
-    return h, w
+    if math.prod(site.grid) != q_img.shape[2]:
+        raise ValueError(
+            f"{who}: layer {site.layer} has {q_img.shape[2]} image tokens but its grid is "
+            f"{'x'.join(map(str, site.grid))}; the Site's image segment and grid disagree"
+        )
+    return tuple(site.grid)
 
 
 @dataclass(frozen=True)
@@ -231,7 +237,9 @@ class SmoothedEnergy(Rectifier):
     Each channel of the queries (heads x head_dim) is blurred by a Gaussian of std `sigma` on the
     (H, W) token grid (`erg.blur`: SEG's kernel ceil(6 sigma) + 1 - ceil(6 sigma) % 2, reflect padding). sigma >=
     `INFINITE` (1e4, as SEG's reference) replaces the image queries by their mean over the grid: every
-    image token then attends with the same (maximally smoothed) attention weights.
+    image token then attends with the same (maximally smoothed) attention weights. On a video's
+    (frames, H, W) grid the blur is the same isotropic Gaussian along all three axes, so that its
+    sigma -> inf limit is still that mean over every token (uniform attention).
     """
 
     sigma: float
@@ -247,13 +255,13 @@ class SmoothedEnergy(Rectifier):
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, site: Site) -> Tensor:
         q_img = q[:, :, site.image]  # (rows, heads, N, d)
-        h, w = _image_grid(q_img, site, "smoothed energy attention (SEG)")
+        layout = _image_grid(q_img, site, "smoothed energy attention (SEG)")
         if self.is_infinite:
             q_img = q_img.mean(dim=2, keepdim=True).expand_as(q_img)
         else:
             rows, heads, n, d = q_img.shape
-            grid = q_img.permute(0, 1, 3, 2).reshape(rows, heads * d, h, w)  # tokens are row-major
-            grid = gaussian_blur_2d(grid, self.sigma)
+            grid = q_img.permute(0, 1, 3, 2).reshape(rows, heads * d, *layout)  # tokens are row-major
+            grid = gaussian_blur_2d(grid, self.sigma) if len(layout) == 2 else gaussian_blur_3d(grid, self.sigma)
             q_img = grid.reshape(rows, heads, d, n).permute(0, 1, 3, 2)
         out = _attend_outside(q, k, v, site.image)
         out[:, :, site.image] = F.scaled_dot_product_attention(q_img.contiguous(), k, v)

@@ -1,6 +1,7 @@
-"""Gaussian blur of a batch of 2D grids, per channel, with reflect padding.
+"""Gaussian blur of a batch of 2D grids (or 3D: frames x height x width), per channel, with reflect padding.
 
-Used on attention queries laid out on the image-token grid (SEG) and on predicted images (SAG).
+Used on attention queries laid out on the image-token grid (SEG; a video's 3D token grid: `gaussian_blur_3d`)
+and on predicted images (SAG; a video frame by frame).
 Written here (a few lines) rather than taken from torchvision because SEG's definition fixes the
 kernel size and the clipping to the grid, which `torchvision.transforms.functional.gaussian_blur`
 does not expose the same way. As SEG's reference code (SusungHong/SEG-SDXL, `pipeline_seg.py`,
@@ -11,7 +12,7 @@ copied by diffusers' SEG):
     clipped to the grid side (the largest odd size whose reflect padding fits: SEG's
         `min(kernel_size, height - (height % 2 - 1))`);
     weights = exp(-x^2 / (2 sigma^2)) sampled at integer offsets, normalised to sum 1;
-    separable: the same 1D kernel along rows and columns.
+    separable: the same 1D kernel along rows and columns (and frames, in 3D).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["gaussian_blur_2d", "gaussian_kernel_1d", "gaussian_kernel_size"]
+__all__ = ["gaussian_blur_2d", "gaussian_blur_3d", "gaussian_blur_frames", "gaussian_kernel_1d", "gaussian_kernel_size"]
 
 
 def gaussian_kernel_size(sigma: float) -> int:
@@ -65,3 +66,36 @@ def gaussian_blur_2d(x: Tensor, sigma: float, kernel_size: int | None = None) ->
         weight = gaussian_kernel_1d(kw, sigma, compute).to(x.device).view(1, 1, 1, kw).expand(c, 1, 1, kw)
         y = F.conv2d(F.pad(y, (kw // 2, kw // 2, 0, 0), mode="reflect"), weight, groups=c)
     return y.to(x.dtype)
+
+
+def gaussian_blur_3d(x: Tensor, sigma: float, kernel_size: int | None = None) -> Tensor:
+    """Blur each channel of x: (N, C, F, H, W) with an isotropic Gaussian of std `sigma` (in grid cells) along
+    frames, rows and columns; the same kernel rules as `gaussian_blur_2d` along each axis."""
+    if x.ndim != 5:
+        raise ValueError(f"gaussian_blur_3d expects (N, C, F, H, W), got shape {tuple(x.shape)}")
+    k = kernel_size or gaussian_kernel_size(sigma)
+    if k % 2 == 0 or k < 1:
+        raise ValueError(f"blur kernel size must be odd and >= 1, got {k}")
+    c = x.shape[1]
+    compute = torch.promote_types(x.dtype, torch.float32)
+    y = x.to(compute)
+    for axis in (2, 3, 4):  # frames, rows, columns
+        ka = _clip_to_grid(k, x.shape[axis])
+        if ka == 1:
+            continue
+        shape = [1, 1, 1, 1, 1]
+        shape[axis] = ka
+        weight = gaussian_kernel_1d(ka, sigma, compute).to(x.device).view(*shape).expand(c, 1, *shape[2:])
+        pad = [0, 0, 0, 0, 0, 0]  # (W, W, H, H, F, F)
+        pad[2 * (4 - axis)] = pad[2 * (4 - axis) + 1] = ka // 2
+        y = F.conv3d(F.pad(y, tuple(pad), mode="reflect"), weight, groups=c)
+    return y.to(x.dtype)
+
+
+def gaussian_blur_frames(x: Tensor, sigma: float, kernel_size: int | None = None) -> Tensor:
+    """`gaussian_blur_2d` on every frame of x: (N, C, F, H, W) (a video blurred in space, not in time)."""
+    if x.ndim != 5:
+        raise ValueError(f"gaussian_blur_frames expects (N, C, F, H, W), got shape {tuple(x.shape)}")
+    n, c, f, h, w = x.shape
+    frames = x.permute(0, 2, 1, 3, 4).reshape(n * f, c, h, w)
+    return gaussian_blur_2d(frames, sigma, kernel_size).reshape(n, f, c, h, w).permute(0, 2, 1, 3, 4)

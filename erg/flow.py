@@ -10,6 +10,15 @@ diffusers' flow-matching scheduler uses sigma = 1 - t and predicts v_diffusers =
 the boundary with `to_diffusers_sigma` / `from_diffusers_velocity`, never inside the math.
 CADS is written in diffusion time (1 = noise): use `from_diffusion_time`; EDM's noise levels sigma
 (the guidance interval's): `from_edm_sigma`.
+
+Variance-preserving (DDPM) models such as PixArt-Sigma see x_s = a x + s eps with a = sqrt(alpha_bar),
+s = sqrt(1 - alpha_bar). The same noisy image in our flow is x_t = m x_s with t = m a, 1 - t = m s, i.e.
+
+    t = a / (a + s)        alpha_bar = t^2 / (t^2 + (1 - t)^2)        m = 1 / (a + s) = sqrt(t^2 + (1 - t)^2)
+
+(`vp_time`, `vp_alpha_bar`, `marginal_std`: m is also the std of x_t for unit-variance data). A DDIM step
+(eta = 0) re-noises the same (x0_hat, eps_hat) at the next alpha_bar, exactly as our Euler step does at the
+next t, so DDIM on a grid of alpha_bars is Euler on the matching grid of t (tests/test_pixart.py).
 """
 
 from __future__ import annotations
@@ -26,13 +35,17 @@ __all__ = [
     "from_diffusion_time",
     "from_edm_sigma",
     "interpolate",
+    "marginal_std",
     "sample_timesteps",
     "shift_time",
     "time_grid",
     "to_diffusers_sigma",
     "velocity_from_eps",
+    "velocity_from_vp",
     "velocity_from_x0",
     "velocity_target",
+    "vp_alpha_bar",
+    "vp_time",
     "x0_from_velocity",
 ]
 
@@ -97,6 +110,42 @@ def from_edm_sigma(sigma: float) -> float:
 def from_diffusion_time(s: float) -> float:
     """A time in diffusion convention (s = 1 noise, as in CADS) to ours."""
     return 1.0 - s
+
+
+def vp_time(alpha_bar: Tensor | float) -> Tensor | float:
+    """Our t for a variance-preserving model's alpha_bar: t = a / (a + s), a = sqrt(alpha_bar), s = sqrt(1 - a^2)."""
+    a, s = alpha_bar**0.5, (1 - alpha_bar) ** 0.5
+    return a / (a + s)
+
+
+def vp_alpha_bar(t: Tensor | float) -> Tensor | float:
+    """Inverse of `vp_time`: alpha_bar = t^2 / (t^2 + (1 - t)^2) (0 at t = 0, 1 at t = 1)."""
+    return t**2 / (t**2 + (1 - t) ** 2)
+
+
+def marginal_std(t: Tensor | float) -> Tensor | float:
+    """sqrt(t^2 + (1 - t)^2): the std of x_t for unit-variance data, and the factor m with x_t = m x_s between
+    our flow state and a variance-preserving model's state at the same noise level (1 at t = 0 and t = 1)."""
+    return (t**2 + (1 - t) ** 2) ** 0.5
+
+
+def velocity_from_vp(x_t: Tensor, output: Tensor, t: Tensor | float, prediction: str) -> Tensor:
+    """Our velocity from a variance-preserving model's output at our (x_t, t).
+
+    prediction (diffusers' `prediction_type`): "epsilon" (the noise), "v_prediction" (v_vp = a eps - s x0,
+    Salimans & Ho 2022) or "sample" (x0). The model saw x_s = x_t / m (`marginal_std`).
+    """
+    if prediction == "epsilon":
+        return velocity_from_eps(x_t, output, t)
+    if prediction == "sample":
+        return velocity_from_x0(x_t, output, t)
+    if prediction == "v_prediction":
+        t = _bcast(t, x_t)
+        m = marginal_std(t)
+        a, s = t / m, (1 - t) / m
+        x_s = x_t / m
+        return (a - s) * x_s - (a + s) * output  # x0 - eps with x0 = a x_s - s v_vp, eps = s x_s + a v_vp
+    raise ValueError(f"unknown prediction type {prediction!r}: use epsilon, v_prediction or sample")
 
 
 def shift_time(t: Tensor, shift: float) -> Tensor:

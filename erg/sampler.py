@@ -9,6 +9,10 @@
         v = guidance.combine(predictions)            (velocity; APG converts to x0 and back)
         x <- x + (t_{i+1} - t_i) v
 
+The state starts as the noise itself, unless the model says how its noise looks in our space at the grid's
+first time (`initial_noise_scale(t_0)`: a DDPM model, erg/integrations/pixart.py, starts at t_0 > 0 from
+m(t_0) noise, m = sqrt(t_0^2 + (1 - t_0)^2), which is its pipeline's latents = noise in its own space).
+
 So ERG costs what CFG costs: two rows per image, one forward per step. Conditions are encoded once
 per run per condition kind; CADS noise is drawn per sample and step from the sample's seed, so a
 sample's result depends only on its seed and condition, never on its batch mates. The model runs
@@ -275,6 +279,9 @@ class GuidedSampler:
         times = self.config.times(self.models["main"])  # host copy: no syncs per step
         ts = times.to(self.device, torch.float32)
         x = noise.to(self.device, torch.float32)
+        noise_scale = getattr(self.models["main"], "initial_noise_scale", None)
+        if noise_scale is not None:  # a DDPM model: its pure noise at t_0 > 0, in our space
+            x = x * float(noise_scale(float(times[0])))
         for i in range(self.config.steps):
             step = Step(i, float(times[i]), ts[i].expand(B), x, num_steps=self.config.steps)
             self.evaluate(step, encoded, seeds)

@@ -96,6 +96,11 @@ class StoreSource(ImageSource):
 
     def batches(self, batch_size: int) -> Iterator[Batch]:
         for images, records in self.store.iter_batches(batch_size):
+            if images.ndim != 4:
+                raise ValueError(
+                    f"{self.store.root} holds videos {tuple(images.shape[1:])} (frames, H, W, C), not images: the "
+                    "image metrics (FID, PRDC, CLIPScore) do not apply to them"
+                )
             yield self.protocol.apply(images), records
 
 

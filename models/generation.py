@@ -11,7 +11,7 @@
                each rank takes its own shards (no duplicates, no gaps)
 
 `mode=grid` instead samples the same few (noise, class) pairs with several guidance configs and
-writes one image grid (a row per method) for eyeballing.
+writes one image grid (a row per method) for eyeballing (videos: their middle frames).
 """
 
 from __future__ import annotations
@@ -205,8 +205,10 @@ def prompts_conditioning(conditioner: torch.nn.Module) -> Any:
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """Images in [-1, 1] (N, C, H, W) -> uint8 (N, H, W, C), as DiT's sample_ddp.py: clamp(127.5 x + 128)."""
-    return torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    """Images in [-1, 1] (N, C, H, W) -> uint8 (N, H, W, C), as DiT's sample_ddp.py: clamp(127.5 x + 128);
+    videos (N, C, F, H, W) -> (N, F, H, W, C)."""
+    order = (0, 2, 3, 1) if images.ndim == 4 else (0, 2, 3, 4, 1)
+    return torch.clamp(127.5 * images.float() + 128.0, 0, 255).to(torch.uint8).permute(*order).cpu().numpy()
 
 
 # --- what to sample --------------------------------------------------------------------------------
@@ -582,7 +584,10 @@ def run_grid(container: dict[str, Any], model_choice: str | None = None) -> dict
     rows, names = [], []
     for label, sampler in samplers:
         x = sampler.sample_indices(range(n), labels, base_seed=container["seed"])
-        rows.append(decode(x).float().cpu())
+        images = decode(x).float().cpu()
+        if images.ndim == 5:  # videos (N, C, F, H, W): the grid shows each one's middle frame
+            images = images[:, :, images.shape[2] // 2]
+        rows.append(images)
         names.append(label)
         log.info("grid row: %s", label)
     grid = image_grid(torch.cat(rows), nrow=n, min_size=64)  # (H, W, C) uint8

@@ -1,14 +1,17 @@
-"""Sampling benchmark of the public diffusers families (SD3, SD3.5, Flux.1) in the shared sampler: ERG vs CFG.
+"""Sampling benchmark of the public diffusers families (SD3, SD3.5, Flux.1, PixArt-Sigma, Wan) in the shared sampler:
+ERG vs CFG.
 
     python scripts/benchmark_diffusers.py --family flux_dev                   # GPU: Flux.1-dev's real transformer
     python scripts/benchmark_diffusers.py --family sd35_large --out docs/benchmarks/diffusers_sd35_large_<gpu>.md
     python scripts/benchmark_diffusers.py --family flux_dev --size tiny --device cpu     # CPU smoke, seconds
+    python scripts/benchmark_diffusers.py --family wan2_1_t2v_1_3b                 # 480 x 832, 81 frames, 10 steps
 
 ERG must cost what CFG costs (target: ERG / CFG wall time <= 1.05): two rows per image and ONE transformer
 forward per step (diffusers' guiders and FluxPipeline's true CFG run one forward per branch), the weak prompt
 encoded once per run. Weights are random (the cost does not depend on them): `--size real` builds the family's
 real transformer config (as built from those configs: Flux.1 19 + 38 blocks of 3072, 11.9B parameters;
-SD3.5-large 38 x 2432, 8.06B; SD3.5-medium 24 x 1536 with 13 dual blocks, 2.24B; SD3-medium 24 x 1536, 2.03B)
+SD3.5-large 38 x 2432, 8.06B; SD3.5-medium 24 x 1536 with 13 dual blocks, 2.24B; SD3-medium 24 x 1536, 2.03B;
+PixArt-Sigma-XL 28 x 1152, 0.61B; Wan 2.1 1.3B 30 x 1536, 1.42B, at 480 x 832 and 81 frames: 32,760 video tokens)
 in bf16 on the device at 1024px with thin random text encoders of the real output widths and layer counts (so
 Table 7's C-ERG ranges apply; their cost is a small part of a run), and a thin VAE (no decoding is timed).
 `--size tiny` is the tests' tiny pipeline shapes (CPU), with a word-level tokenizer built in code (no files).
@@ -38,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from scripts.benchmark import Budget, Report, config_from_args, guarded, setup_device, sync, write_results
 
-FAMILIES = ("sd3_medium", "sd35_large", "sd35_medium", "flux_dev", "flux_schnell")
+FAMILIES = ("sd3_medium", "sd35_large", "sd35_medium", "flux_dev", "flux_schnell", "pixart_sigma", "wan2_1_t2v_1_3b")
 METHODS = ("none", "cfg", "erg", "pag", "seg")
 PROMPTS = [
     "a photo of a cat sitting on a windowsill",
@@ -64,6 +67,13 @@ REAL = {
                      axes_dims_rope=(16, 56, 56)),
 }  # fmt: skip
 REAL["flux_schnell"] = {**REAL["flux_dev"], "guidance_embeds": False}
+REAL["pixart_sigma"] = dict(sample_size=128, num_layers=28, patch_size=2, attention_head_dim=72, num_attention_heads=16,
+                            caption_channels=4096, in_channels=4, cross_attention_dim=1152, out_channels=8,
+                            use_additional_conditions=False)  # fmt: skip
+REAL["wan2_1_t2v_1_3b"] = dict(patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128,
+                               in_channels=16, out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=8960,
+                               num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                               rope_max_seq_len=1024)  # fmt: skip
 TINY = {
     "sd3_medium": dict(sample_size=8, patch_size=2, in_channels=4, num_layers=8, attention_head_dim=8,
                        num_attention_heads=2, joint_attention_dim=24, caption_projection_dim=16,
@@ -75,8 +85,15 @@ TINY = {
 TINY["sd35_large"] = {**TINY["sd3_medium"], "qk_norm": "rms_norm"}
 TINY["sd35_medium"] = {**TINY["sd35_large"], "dual_attention_layers": (0, 1, 2, 3)}
 TINY["flux_schnell"] = {**TINY["flux_dev"], "guidance_embeds": False}
+TINY["pixart_sigma"] = dict(sample_size=8, num_layers=28, patch_size=2, attention_head_dim=8, num_attention_heads=2,
+                            caption_channels=24, in_channels=4, cross_attention_dim=16, out_channels=8,
+                            use_additional_conditions=False)  # fmt: skip
+TINY["wan2_1_t2v_1_3b"] = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4,
+                               out_channels=4, text_dim=24, freq_dim=32, ffn_dim=32, num_layers=30,
+                               cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=32)  # fmt: skip
 # size -> (resolution, VAE blocks (factor 2 ** (n - 1)), VAE latent channels, CLIP-L / OpenCLIP-G / T5 widths)
 SIZES = {"tiny": (16, 2, 4, (8, 12, 24)), "real": (1024, 4, 16, (768, 1280, 4096))}
+VIDEO = {"tiny": (64, 64, 5), "real": (480, 832, 81)}  # Wan: height, width, frames (Wan 2.1 1.3B's 480p)
 
 
 # --- random pipelines of a size ----------------------------------------------------------------------------
@@ -114,6 +131,36 @@ def _t5(width: int) -> Any:
     return T5EncoderModel(config).eval()
 
 
+def _umt5(width: int) -> Any:
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    config = UMT5Config(vocab_size=VOCAB, d_model=width, d_kv=32, d_ff=256, num_layers=24, num_heads=2)
+    return UMT5EncoderModel(config).eval()
+
+
+def _cross_attention_pipeline(family: str, config: dict, vae_blocks: int, w_t5: int) -> Any:
+    """PixArt-Sigma (T5, its DPM-Solver) or Wan (UMT5, its UniPC on flow sigmas), with a thin VAE."""
+    import diffusers
+
+    if family == "pixart_sigma":
+        vae = diffusers.AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * vae_blocks,
+            up_block_types=("UpDecoderBlock2D",) * vae_blocks, block_out_channels=(8,) * vae_blocks,
+            latent_channels=config["in_channels"], layers_per_block=1, norm_num_groups=4,
+        )  # fmt: skip
+        return diffusers.PixArtSigmaPipeline(
+            tokenizer=_tokenizer(300), text_encoder=_t5(config["caption_channels"]), vae=vae,
+            transformer=diffusers.PixArtTransformer2DModel(**config),
+            scheduler=diffusers.DPMSolverMultistepScheduler(beta_schedule="linear"),
+        )  # fmt: skip
+    z = config["in_channels"]  # a thin Wan VAE: 8x in space, 4x in time, as Wan 2.1's
+    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                     latents_mean=[0.0] * z, latents_std=[1.0] * z)  # fmt: skip
+    unipc = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
+    return diffusers.WanPipeline(tokenizer=_tokenizer(512), text_encoder=_umt5(config["text_dim"]), vae=vae,
+                                 scheduler=unipc, transformer=diffusers.WanTransformer3DModel(**config))  # fmt: skip
+
+
 def build_pipeline(family: str, size: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Any:
     """The family's diffusers pipeline at `size` with random weights, built on `device` in `dtype`."""
     import diffusers
@@ -121,6 +168,13 @@ def build_pipeline(family: str, size: str, device: torch.device, dtype: torch.dt
     resolution, vae_blocks, latent, (w_l, w_g, w_t5) = SIZES[size]
     config = (REAL if size == "real" else TINY)[family]
     torch.manual_seed(seed)
+    if family in ("pixart_sigma", "wan2_1_t2v_1_3b"):
+        with torch.device(device):
+            pipe = _cross_attention_pipeline(family, config, vae_blocks, w_t5)
+        for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
+            module.to(dtype=dtype).eval().requires_grad_(False)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     with torch.device(device):
         vae = diffusers.AutoencoderKL(
             in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * vae_blocks,
@@ -158,7 +212,18 @@ def build_model(family: str, size: str, device: torch.device, dtype: torch.dtype
     pipe = build_pipeline(family, size, torch.device("cpu") if offload else device, dtype)
     resolution = SIZES[size][0]
     tokens = 16 if size == "tiny" else 512 if family == "flux_dev" else 256
-    if family.startswith("flux"):
+    if family == "pixart_sigma":
+        from erg.integrations.pixart import PixArtDenoiser
+
+        model = PixArtDenoiser(pipe, resolution=resolution, max_sequence_length=16 if size == "tiny" else 300,
+                               clean_caption=False, offload=offload)  # fmt: skip
+    elif family.startswith("wan"):
+        from erg.integrations.wan import WanDenoiser
+
+        height, width, frames = VIDEO[size]
+        model = WanDenoiser(pipe, height=height, width=width, num_frames=frames,
+                            max_sequence_length=16 if size == "tiny" else 512, offload=offload)  # fmt: skip
+    elif family.startswith("flux"):
         from erg.integrations.flux import FluxDenoiser
 
         g = 3.5 if family == "flux_dev" else None
@@ -191,9 +256,10 @@ def method_config(family: str, method: str, num_layers: int) -> dict:
 
 @dataclass(frozen=True)
 class DiffusersBench:
-    """Sizes of the diffusers benchmark. family: sd3_medium | sd35_large | sd35_medium | flux_dev | flux_schnell;
+    """Sizes of the diffusers benchmark. family: one of FAMILIES;
     size: real (the release's transformer, random weights) | tiny (the tests' shapes); steps / batch_size: None
-    is the family's step count (28; SD3.5-medium 40; schnell 4) and batch 1 (real) or 2 steps, batch 2 (tiny);
+    is the family's step count (28; SD3.5-medium 40; schnell 4; PixArt-Sigma 20; Wan 10 of its 50) and batch 1
+    (real) or 2 steps, batch 2 (tiny);
     offload: components on the CPU, one group on the device at a time; dtype: auto (bf16 on GPU) | bfloat16 |
     float32."""
 
@@ -216,7 +282,15 @@ class DiffusersBench:
 
     @property
     def run_steps(self) -> int:
-        return self.steps or (2 if self.size == "tiny" else {"flux_schnell": 4, "sd35_medium": 40}.get(self.family, 28))
+        # Wan: 10 of its 50 steps (the ERG / CFG ratio is per step; a full 81-frame run per method would not fit)
+        defaults = {"flux_schnell": 4, "sd35_medium": 40, "pixart_sigma": 20, "wan2_1_t2v_1_3b": 10}
+        return self.steps or (2 if self.size == "tiny" else defaults.get(self.family, 28))
+
+    @property
+    def resolution(self) -> str:
+        if self.family.startswith("wan"):
+            return "{}x{}, {} frames".format(*VIDEO[self.size])
+        return f"{SIZES[self.size][0]}px"
 
     @property
     def run_batch(self) -> int:
@@ -279,7 +353,7 @@ def run(cfg: DiffusersBench, device: str = "cuda", budget: Budget | None = None,
     model = build_model(cfg.family, cfg.size, dev, torch_dtype, offload=cfg.offload)
     about = {"family": cfg.family, "size": cfg.size, "dtype": str(torch_dtype).removeprefix("torch."),
              "transformer_params_b": sum(p.numel() for p in model.transformer.parameters()) / 1e9,
-             "resolution": SIZES[cfg.size][0], "steps": cfg.run_steps, "batch_size": cfg.run_batch}  # fmt: skip
+             "resolution": cfg.resolution, "steps": cfg.run_steps, "batch_size": cfg.run_batch}  # fmt: skip
     results: list[dict] = []
     last: tuple[int, float] | None = None  # (NFE per step, seconds per run) of the last measured method
     for method in cfg.methods:
@@ -313,7 +387,7 @@ def markdown(results: list[dict], cfg: DiffusersBench, device_name: str) -> str:
     lines = [
         f"Sampling {cfg.family} ({cfg.size} size: {what}"
         f", random weights, {first.get('dtype', cfg.dtype)}{', CPU offload' if cfg.offload else ''}) at "
-        f"{SIZES[cfg.size][0]}px, batch {cfg.run_batch}, {cfg.run_steps} Euler steps on the pipeline's grid, on "
+        f"{cfg.resolution}, batch {cfg.run_batch}, {cfg.run_steps} Euler steps on the pipeline's grid, on "
         f"**{device_name}** (torch {torch.__version__}); best of {cfg.repeats} timed run(s) after one warm-up run, "
         "prompt encoding included, no decoding.",
         "",

@@ -53,8 +53,36 @@ def test_the_real_sizes_are_the_released_transformers():
 
     billions = {}
     for family, config in bd.REAL.items():
+        if not family.startswith(("sd3", "flux")):
+            continue  # PixArt-Sigma and Wan: the next test
         cls = diffusers.FluxTransformer2DModel if family.startswith("flux") else diffusers.SD3Transformer2DModel
         with torch.device("meta"):
             billions[family] = round(sum(p.numel() for p in cls(**config).parameters()) / 1e9, 2)
     assert billions == {"sd3_medium": 2.03, "sd35_large": 8.06, "sd35_medium": 2.24, "flux_dev": 11.9,
                         "flux_schnell": 11.89}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("family", "config"), [("pixart_sigma", "erg_pixart_sigma"), ("wan2_1_t2v_1_3b", "erg_wan_d30")]
+)
+def test_the_cross_attention_families_run_batched_too(family, config):
+    """PixArt-Sigma and Wan (video) on their tiny pipelines: CFG and ERG one forward of 2 rows per image and step."""
+    cfg = bd.DiffusersBench(family=family, size="tiny", methods=("cfg", "erg"))
+    results = bd.run(cfg, "cpu")
+    by = {r["method"]: r for r in results}
+    assert {m: (r["nfe_per_step"], r["forwards_per_step"], r["rows_per_forward"]) for m, r in by.items()} == {
+        "cfg": (2, 1.0, 4), "erg": (2, 1.0, 4),
+    }  # fmt: skip
+    assert by["erg"]["config"] == config and bd.ratio(results) > 0
+    table = bd.markdown(results, cfg, "CPU")
+    assert "frames" in table if family.startswith("wan") else "16px" in table
+
+
+def test_the_real_pixart_sigma_and_wan_sizes_are_the_released_transformers():
+    import diffusers
+
+    with torch.device("meta"):
+        pixart = diffusers.PixArtTransformer2DModel(**bd.REAL["pixart_sigma"])
+        wan = diffusers.WanTransformer3DModel(**bd.REAL["wan2_1_t2v_1_3b"])
+    billions = [round(sum(p.numel() for p in m.parameters()) / 1e9, 2) for m in (pixart, wan)]
+    assert billions == [0.61, 1.42]  # PixArt-Sigma-XL-2 (28 x 1152); Wan 2.1 T2V 1.3B (30 x 1536)

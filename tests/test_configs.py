@@ -40,7 +40,7 @@ def _required(group: str, option: str, tmp_path: Path) -> list[str]:
     return []
 
 
-# diffusers pipelines for sample.py (erg/integrations/; tests/test_sd3.py, test_flux.py, ...)
+# diffusers pipelines for sample.py (erg/integrations/; tests/test_sd3.py, test_flux.py, test_pixart.py, ...)
 SAMPLING_ONLY = {
     ("model", o) for o in options("model") if "erg.integrations." in (CONFIGS / "model" / f"{o}.yaml").read_text()
 }

@@ -83,3 +83,24 @@ def test_loading_is_offline_and_its_errors_name_the_expected_files(pipe, tmp_pat
     (folder / "vae").rename(folder / "vae_gone")
     with pytest.raises(WeightsNotFound, match="missing vae/"):
         load_pipeline("StableDiffusion3Pipeline", str(folder), **kw)
+
+
+def test_skipping_puts_back_the_input_of_single_stream_blocks_and_of_either_expert():
+    """PixArt / Wan blocks take hidden_states first and return it: the skipped rows get their input back bit for
+    bit, the others the block's output; a layer may name two blocks (Wan 2.2's experts), whichever runs; the
+    hooks are gone afterwards."""
+    from erg.attention import AttentionPlan, Rule, SkipBlock
+    from erg.integrations.adapter import skipping
+
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    plan = AttentionPlan((Rule(SkipBlock(), frozenset([3]), rows=slice(1, 2)),))
+    x = torch.randn(2, 5, 4)
+    for block in (first, second):
+        with torch.no_grad(), skipping({3: [first, second]}, plan):
+            out = block(x)  # positional, as PixArt's and Wan's transformers call their blocks
+        with torch.no_grad():
+            assert torch.equal(out[1], x[1]) and torch.equal(out[0], block(x)[0]), block
+        assert not block._forward_hooks
+    with pytest.raises(ValueError, match=r"names layers \[3\], which have no block"), skipping({0: first}, plan):
+        pass

@@ -120,3 +120,11 @@ def test_missing_or_bad_paths_are_clear(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
         open_source(tmp_path / "empty", Protocol())
+
+
+def test_a_store_of_videos_is_refused_by_the_image_metrics(tmp_path):
+    store = SampleStore(tmp_path / "videos", 2, shard_size=2)  # text-to-video samples (Wan): (n, F, H, W, C)
+    store.write_layout()
+    store.write_shard(0, np.zeros((2, 5, 8, 8, 3), dtype=np.uint8), [{"index": i, "seed": i} for i in range(2)])
+    with pytest.raises(ValueError, match=r"holds videos \(5, 8, 8, 3\).*do not apply"):
+        next(open_source(tmp_path / "videos", Protocol()).batches(2))

@@ -195,6 +195,22 @@ def test_fdg_is_diffusers_guider_without_parallel_weights_and_cfg_with_equal_sca
     torch.testing.assert_close(same, pos + 1.5 * (pos - neg), atol=5e-5, rtol=1e-5)
 
 
+def test_fdg_on_video_latents_is_the_papers_fdg_on_each_frame():
+    """(B, C, F, H, W) video latents (Wan): each frame gets the 2D pyramid; without parallel weights that is the
+    paper's FDG on every frame's image, and with them the projection is per video (all frames together)."""
+    pos, neg, x = random_preds((2, 2, 3, 8, 8))
+    t, scales = 0.3, (3.0, 1.5)
+    out = build_guidance({"method": "fdg", "scales": list(scales)}).combine(step_with({"pos": pos, "neg": neg}, t=t,
+                                                                                      x=x), {})  # fmt: skip
+    x0p, x0n = x0_from_velocity(x, pos, t), x0_from_velocity(x, neg, t)
+    frames = [_paper_fdg_x0(x0p[:, :, i], x0n[:, :, i], scales) for i in range(3)]
+    torch.testing.assert_close(out, velocity_from_x0(x, torch.stack(frames, dim=2), t), atol=2e-5, rtol=1e-5)
+    with_parallel = {"method": "fdg", "scales": list(scales), "parallel_weights": [0.0, 1.0]}
+    projected = build_guidance(with_parallel).combine(step_with({"pos": pos, "neg": neg}, t=t, x=x), {})
+    assert projected.shape == pos.shape and torch.isfinite(projected).all()
+    assert (projected - out).abs().max() > 1e-3  # the high band's parallel part is dropped
+
+
 def test_reference_bugs_diffusers_fdg_parallel_weights_and_padding():
     """docs/reference_bugs.md, FDG 1-3: with parallel weights diffusers computes neg + w d' (not the paper's
     pos + (w - 1) d') on the raw prediction (not x0); for sides that are not powers of two it returns the

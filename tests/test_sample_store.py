@@ -61,3 +61,22 @@ def test_ranks_cover_every_shard_once():
     world = 3
     owned = [s for r in range(world) for s in shards_for_rank(10, r, world)]
     assert sorted(owned) == list(range(10))
+
+
+@pytest.mark.parametrize("fmt", ["npz", "png"])
+def test_videos_are_stored_frame_by_frame(tmp_path, fmt):
+    """Text-to-video samples (Wan): uint8 (n, F, H, W, C); png: a folder of frames per sample."""
+    videos = np.random.default_rng(0).integers(0, 256, size=(3, 5, 4, 6, 3), dtype=np.uint8)
+    store = SampleStore(tmp_path / "v", num_samples=3, shard_size=2, image_format=fmt)
+    store.write_layout()
+    store.write_shard(0, videos[:2], _records(range(2)))
+    store.write_shard(1, videos[2:], _records(range(2, 3)))
+    images, records = next(SampleStore.open(tmp_path / "v").iter_batches(batch_size=8))
+    np.testing.assert_array_equal(images, videos[:2])
+    assert [r["index"] for r in records] == [0, 1]
+    if fmt == "png":
+        assert sorted(p.name for p in (tmp_path / "v/shards/00000002/00000002").iterdir()) == [
+            f"{f:04d}.png" for f in range(5)
+        ]
+    with pytest.raises(ValueError, match=r"videos \(2, F, H, W, C\)"):
+        store.write_shard(0, videos[:2, 0, 0], _records(range(2)))

@@ -108,11 +108,11 @@ def pyramid_image(pyramid: list[Tensor], size: tuple[int, int] | None = None) ->
 
 
 def _project(diff: Tensor, onto: Tensor) -> tuple[Tensor, Tensor]:
-    """Parallel and orthogonal parts of diff w.r.t. onto, per sample over C, H, W, in float64."""
-    d, u = diff.double(), onto.double()
-    u = u / u.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, 1, 1, 1)
-    par = (d * u).sum(dim=(1, 2, 3), keepdim=True) * u
-    return par.to(diff.dtype), (d - par).to(diff.dtype)
+    """Parallel and orthogonal parts of diff w.r.t. onto, per sample over all its other dims, in float64."""
+    d, u = diff.double().flatten(1), onto.double().flatten(1)
+    u = u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    par = (d * u).sum(dim=1, keepdim=True) * u
+    return par.view_as(diff).to(diff.dtype), (d - par).view_as(diff).to(diff.dtype)
 
 
 @dataclass(frozen=True)
@@ -123,18 +123,27 @@ class FDG(Combine):
     neg: str = "neg"
 
     def guide_x0(self, x0_pos: Tensor, x0_neg: Tensor) -> Tensor:
-        """FDG on denoised predictions (Algorithm 1, steps 3-5)."""
+        """FDG on denoised predictions (Algorithm 1, steps 3-5). x0: (B, C, H, W) images, or (B, C, F, H, W)
+        videos, whose frames get the 2D pyramid one by one (the paper is image-only; its pyramid is spatial)."""
+        video = x0_pos.ndim == 5
+        if video:  # (B, C, F, H, W) -> (B F, C, H, W)
+            shape = x0_pos.shape
+            n, f = shape[0], shape[2]
+            frames = lambda x: x.transpose(1, 2).reshape(n * f, *shape[1:2], *shape[3:])
+            x0_pos, x0_neg = frames(x0_pos), frames(x0_neg)
         levels = len(self.scales)
         cond, uncond = laplacian_pyramid(x0_pos, levels), laplacian_pyramid(x0_neg, levels)
         weights = self.parallel_weights or (1.0,) * levels
         guided = []
         for c, u, w, p in zip(cond, uncond, self.scales, weights):
             diff = c - u
-            if p != 1.0:
-                par, orth = _project(diff, c)
-                diff = p * par + orth
+            if p != 1.0:  # per sample: a video's frames together
+                per_sample = (lambda x: x.reshape(n, -1)) if video else (lambda x: x)
+                par, orth = _project(per_sample(diff), per_sample(c))
+                diff = p * par.view_as(diff) + orth.view_as(diff)
             guided.append(c + (w - 1.0) * diff)
-        return pyramid_image(guided, tuple(x0_pos.shape[-2:]))
+        out = pyramid_image(guided, tuple(x0_pos.shape[-2:]))
+        return out.reshape(n, f, *out.shape[1:]).transpose(1, 2) if video else out
 
     def __call__(self, step: Step, state: dict[str, Any]) -> Tensor:
         x0 = self.guide_x0(step.x0(self.pos), step.x0(self.neg))

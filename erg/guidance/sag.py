@@ -16,6 +16,9 @@ branch (neg with CFG, else pos) in the chosen blocks (`Capture`); then the *degr
 
     out = pos + (w - 1)(pos - neg) + s (src - degraded)        (diffusers' SAG; alone: w = 1)
 
+On a video (Wan: latents (B, C, F, H, W), tokens on a (frames, h, w) grid) the mask lives on that 3D grid
+and x0 is blurred frame by frame (in space, as SAG blurs an image).
+
 NFE per step: 2 alone, 3 with CFG. The map needs an explicit attention in the watched blocks (no
 fused kernel there).
 """
@@ -29,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from erg.blur import gaussian_blur_2d
+from erg.blur import gaussian_blur_2d, gaussian_blur_frames
 from erg.flow import interpolate
 from erg.guidance.base import NULL, Branch, Condition, Guidance, Linear, Step, Term
 from erg.guidance.config import GuidanceConfigError, finite, layer_range, positive
@@ -48,18 +51,25 @@ class SAGDegrade:
     threshold: float = 1.0
 
     def mask(self, step: Step) -> Tensor:
-        """(B, 1, H, W) float mask of the image regions the source branch attends to most."""
+        """(B, 1, H, W) float mask of the image regions the source branch attends to most ((B, 1, F, H, W) for
+        a video, whose tokens lie on a (frames, h, w) grid)."""
         maps = step.maps[self.source]
         attn = torch.stack([maps.image_to_image(layer) for layer in self.layers]).mean(dim=0)  # (B, N, N)
         attended = attn.sum(dim=1)  # per image key, summed over image queries: 1 on average
-        h, w = maps.sites[self.layers[0]].grid
-        mask = (attended > self.threshold).to(step.x.dtype).view(-1, 1, h, w)
-        return F.interpolate(mask, size=step.x.shape[-2:], mode="nearest")
+        grid = maps.sites[self.layers[0]].grid
+        if grid is None or len(grid) != step.x.ndim - 2:
+            raise ValueError(
+                f"SAG needs the token grid of blocks {list(self.layers)} matching the latents {tuple(step.x.shape)}; "
+                f"the model reports grid={grid}"
+            )
+        mask = (attended > self.threshold).to(step.x.dtype).view(-1, 1, *grid)
+        return F.interpolate(mask, size=step.x.shape[2:], mode="nearest")
 
     def __call__(self, step: Step) -> Tensor:
         x0, eps = step.x0(self.source), step.eps(self.source)
         mask = self.mask(step)
-        degraded = gaussian_blur_2d(x0, self.blur_sigma, self.blur_kernel) * mask + x0 * (1 - mask)
+        blur = gaussian_blur_2d if x0.ndim == 4 else gaussian_blur_frames  # a video: each frame, as an image
+        degraded = blur(x0, self.blur_sigma, self.blur_kernel) * mask + x0 * (1 - mask)
         return interpolate(degraded, eps, step.t)
 
 

@@ -5,6 +5,8 @@
   C-ERG on the pipeline's text encoders, the pipeline's own time grid, offline loading, CPU offload);
   its module docstring says what a family file provides.
 - `erg.integrations.sd3`: Stable Diffusion 3 (diffusers' `StableDiffusion3Pipeline`), the paper's appendix E.
+- `erg.integrations.pixart`: PixArt-Sigma (`PixArtSigmaPipeline`), a DDPM model mapped to our flow time.
+- `erg.integrations.wan`: Wan 2.1 / 2.2 text-to-video (`WanPipeline`), a (frames, h, w) token grid.
 
 These modules import their library (diffusers) only where a pipeline is loaded, so `erg` itself keeps
 importing torch only.

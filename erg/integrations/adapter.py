@@ -39,8 +39,9 @@ What a family file provides (a `DiffusersDenoiser` subclass):
     def scheduler_kwargs(self, steps) -> dict     what the pipeline passes to `scheduler.set_timesteps`
     def text_tokens(self, inputs) -> int | None   text tokens of a forward (joint attention over [text ; image]
                                                   that the processor cannot see, e.g. Flux's single blocks)
-    def blocks(self) -> dict[int, nn.Module]      layer index -> the transformer block to skip for skip-layer
-                                                  guidance (erg.attention.SkipBlock); default none: the sampler
+    def blocks(self) -> dict[int, nn.Module]      layer index -> the transformer block(s) to skip for skip-layer
+                                                  guidance (erg.attention.SkipBlock; a list where several models
+                                                  take turns, Wan 2.2's experts); default none: the sampler
                                                   then refuses block skips for this family (skip=attention works)
     def decode(self, latents) -> Tensor           default: z / scaling_factor + shift_factor, the VAE
     latent_shape                                  default: (in_channels, input_size, input_size)
@@ -165,12 +166,13 @@ def installed(transformer: nn.Module, processors: Mapping[str, Any]) -> Iterator
 
 
 @contextmanager
-def skipping(blocks: Mapping[int, nn.Module], plan: AttentionPlan | None) -> Iterator[None]:
+def skipping(blocks: Mapping[int, nn.Module | Sequence[nn.Module]], plan: AttentionPlan | None) -> Iterator[None]:
     """Skip-layer guidance inside diffusers' blocks: while active, each block whose layer a `SkipBlock` rule of
     `plan` names gives its skipped rows their input back (`erg.attention.skip_blocks`, bit for bit) on every
-    stream it returns (a diffusers joint block returns (encoder_hidden_states, hidden_states) from keyword
-    inputs of the same names); the other rows are the block's own output. Removable forward hooks, registered
-    for this forward only; a skipped layer the family has no block for is an error."""
+    stream it returns: a joint block (SD3, Flux) returns (encoder_hidden_states, hidden_states) from keyword
+    inputs of the same names, a self + cross-attention block (PixArt, Wan) returns hidden_states, its first
+    input. A layer may name several blocks (Wan 2.2's two experts: whichever runs is skipped). Removable
+    forward hooks, registered for this forward only; a skipped layer the family has no block for is an error."""
     layers = sorted({i for r in (plan.rules if plan else ()) if isinstance(r.rectifier, SkipBlock) for i in r.layers})
     if not layers:
         yield
@@ -181,6 +183,11 @@ def skipping(blocks: Mapping[int, nn.Module], plan: AttentionPlan | None) -> Ite
 
     def hook(layer: int) -> Any:
         def put_back(module: nn.Module, args: tuple, kwargs: dict[str, Any], output: Any) -> Any:
+            if isinstance(output, Tensor):  # one stream: hidden_states in, hidden_states out
+                before = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0] if args else None
+                if before is None or before.shape != output.shape:
+                    raise RuntimeError(f"block {layer} did not take hidden_states of its output's shape")
+                return skip_blocks(plan, layer, before, output)
             streams = (kwargs.get("encoder_hidden_states"), kwargs.get("hidden_states"))
             if not isinstance(output, tuple) or len(output) != 2 or streams[1] is None:
                 raise RuntimeError(f"block {layer} did not return (encoder_hidden_states, hidden_states) as expected")
@@ -189,7 +196,8 @@ def skipping(blocks: Mapping[int, nn.Module], plan: AttentionPlan | None) -> Ite
 
         return put_back
 
-    handles = [blocks[i].register_forward_hook(hook(i), with_kwargs=True) for i in layers]
+    modules = [(i, m) for i in layers for m in (blocks[i] if isinstance(blocks[i], Sequence) else [blocks[i]])]
+    handles = [m.register_forward_hook(hook(i), with_kwargs=True) for i, m in modules]
     try:
         yield
     finally:
@@ -456,12 +464,14 @@ def load_pipeline(
     family: str,
     hub_id: str,
     env: str,
-    dtype: str = "auto",
+    dtype: str | Mapping[str, str] = "auto",
     download: bool = False,
     **components: Any,
 ) -> Any:
     """A diffusers pipeline from a local folder in diffusers' layout (never the hub, unless `download`).
 
+    dtype: one for every component (`resolve_dtype`), or per component name with a "default" (e.g. Wan's VAE in
+        float32 beside a bf16 transformer: {"default": "auto", "vae": "float32"}).
     download: if the folder is missing, fetch `hub_id` into it first (huggingface_hub.snapshot_download; the
         user asks for it explicitly with model.download=true). components: overrides passed to
         `from_pretrained` (e.g. text_encoder_3=None to leave T5 out).
@@ -475,6 +485,10 @@ def load_pipeline(
     import diffusers
 
     cls = getattr(diffusers, pipeline_class)
-    pipe = cls.from_pretrained(str(folder), local_files_only=True, **_dtype_kwarg(resolve_dtype(dtype)), **components)
+    if isinstance(dtype, Mapping):  # diffusers takes {component: dtype, "default": dtype}
+        torch_dtype: Any = {"default": resolve_dtype("auto"), **{str(k): resolve_dtype(v) for k, v in dtype.items()}}
+    else:
+        torch_dtype = resolve_dtype(dtype)
+    pipe = cls.from_pretrained(str(folder), local_files_only=True, **_dtype_kwarg(torch_dtype), **components)
     pipe.set_progress_bar_config(disable=True)
     return pipe
