@@ -307,7 +307,7 @@ def test_model_pixart_sigma_brings_its_sampler_and_its_presets():
     assert chosen("guidance=erg_pixart_sigma", "sampler=pixart_sigma") == (erg, sampler)
     assert sampler["steps"] == 20 and sampler["schedule"] == "pipeline"
     assert erg["scale"] == 4.5 and erg["image"]["layers"] == [7, 9] and erg["image"]["kappa"] == 0.2
-    assert erg["text"] == {"tau": 0.1, "layers": {"t5_xxl": [1, 22]}}
+    assert erg["text"] == {"tau": 0.1, "scope": "query", "layers": {"t5_xxl": [1, 22]}}
     assert chosen()[0]["name"] == "cfg_pixart_sigma" and chosen()[0]["scale"] == 4.5
     for method in ("pag", "seg", "sag"):
         assert chosen(f"guidance={method}")[0]["layers"] == [7, 9]

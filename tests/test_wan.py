@@ -294,7 +294,7 @@ def test_each_wan_model_brings_its_sampler_and_its_presets(name, layers, scale, 
     erg, sampler = chosen("guidance=erg")
     assert sampler["steps"] == steps and sampler["schedule"] == "pipeline"
     assert erg["scale"] == scale and erg["image"]["layers"] == layers and erg["image"]["kappa"] == 0.2
-    assert erg["text"] == {"tau": 0.1, "layers": {"umt5_xxl": [1, 22]}}
+    assert erg["text"] == {"tau": 0.1, "scope": "query", "layers": {"umt5_xxl": [1, 22]}}
     cfg = chosen()[0]
     assert cfg["name"] == "cfg_wan" and cfg["scale"] == scale
     assert chosen("guidance=seg")[0]["layers"] == layers
