@@ -200,7 +200,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loggers = [instantiate(cfg.logger)] if cfg.get("logger") else []
     for logger in loggers:
         if hasattr(logger, "resume_from"):  # the CSV logger: rows after the checkpoint are logged again
-            logger.resume_from(resume_step)
+            # no checkpoint (an attempt killed before its first one): every earlier row is logged again
+            logger.resume_from(resume_step if resume_step is not None else 0)
     # nested `_target_` nodes (e.g. trainer.strategy for FSDP) become objects
     trainer_kwargs = instantiate(OmegaConf.to_container(cfg.trainer, resolve=True), _convert_="all")
     plugins = _plugins(trainer_kwargs.pop("plugins", None))

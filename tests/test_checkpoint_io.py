@@ -249,3 +249,22 @@ def test_a_resumed_csv_log_drops_the_rows_after_its_checkpoint_and_a_cut_row(tmp
     with open(log_dir / "metrics.csv", newline="") as f:
         steps = [int(r["step"]) for r in csv.DictReader(f)]
     assert steps == [0, 1, 2, 3, 4]
+
+
+def test_a_rerun_after_a_kill_before_the_first_checkpoint_logs_each_step_once(tmp_path):
+    """An attempt killed before its first checkpoint left rows 0-2 in metrics.csv; the rerun starts from
+    nothing (resume_from(0), what models/training.py passes without a checkpoint) and holds each step once."""
+    from models.runtime import csv_logger
+
+    log_dir = tmp_path / "logs"
+    log_dir.mkdir()
+    (log_dir / "metrics.csv").write_text("epoch,step,train/loss\n" + "".join(f"0,{s},{s}\n" for s in range(3)))
+    logger = csv_logger(str(tmp_path), name="logs", version="")
+    logger.resume_from(0)
+    for step in range(5):
+        logger.log_metrics({"train/loss": step / 10, "epoch": 0}, step=step)
+    logger.save()
+    with open(log_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3, 4]
+    assert [float(r["train/loss"]) for r in rows] == [0.0, 0.1, 0.2, 0.3, 0.4]

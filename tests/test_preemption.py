@@ -285,3 +285,22 @@ def test_the_handlers_only_set_flags_a_second_ctrl_c_stops_at_once_and_forks_ign
             os.kill(os.getpid(), signal.SIGINT)
             time.sleep(1)
     assert {s: signal.getsignal(s) for s in SIGNALS} == before
+
+
+def test_a_run_ended_before_its_first_checkpoint_reruns_with_each_step_once(tmp_path):
+    """Two Ctrl-C inside step 2 (the second stops at once: no checkpoint, Lightning flushes the rows logged so
+    far on its way out); the rerun starts from nothing and logs those steps again, so it must replace them."""
+    reference, run_dir = tmp_path / "reference", tmp_path / "run"
+    _run_here(reference)
+    job = Job(tmp_path, run_dir, 1, "optimizer", 2)
+    assert job.wait_for("optimizer")
+    job.signal(signal.SIGINT, [0])
+    time.sleep(0.2)
+    job.signal(signal.SIGINT, [0])
+    rcs, outputs = job.finish()
+    assert rcs != [0], outputs[0][-3000:]
+    assert not (run_dir / "checkpoints" / "last.ckpt").exists()
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        assert [r["step"] for r in csv.DictReader(f) if r.get("train/loss")], "no rows: nothing to log twice"
+    _run(tmp_path, run_dir, 1)
+    _assert_same_end(run_dir, reference)
