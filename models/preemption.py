@@ -22,6 +22,14 @@ before the time limit (`#SBATCH --signal=USR1@120`). A terminal sends SIGINT on 
 Lightning's own SLURM auto-requeue (it saves inside the USR1 handler) is switched off where the run is
 assembled (`models.training`: `SLURMEnvironment(auto_requeue=False)`), and the SIGTERM handler Lightning
 installs when `fit` starts (it broadcasts inside the handler) is replaced at `on_train_start`.
+
+A job of a submitit sweep (`hydra/launcher=submitit_slurm`): submitit's own handler for its preemption
+signal (SIGUSR2 `signal_delay_s` before the time limit) requeues the job and `sys.exit`s wherever the
+signal lands, so the steps since the last periodic checkpoint were trained again, and an exit between a
+periodic checkpoint and the logging of its step lost that step's row in metrics.csv. Here that handler is
+deferred like the others: the flag is agreed on at the step boundary, every rank saves last.ckpt, then
+rank 0 runs submitit's handler (its requeue bookkeeping, `scontrol requeue`) with its exit held back, and
+the ranks stop together as for SIGUSR1.
 """
 
 from __future__ import annotations
@@ -50,25 +58,37 @@ log = logging.getLogger("erg.train")
 STOP_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 REQUEUE_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR1,)
 REQUEUE_COMMAND: tuple[str, ...] = ("scontrol", "requeue")
+# submitit's preemption signal (its `SUBMITIT_PREEMPT_SIGNAL`, USR2 by default): deferred to a step boundary
+# when submitit has a handler on it (a job of a submitit sweep), and then requeued through that handler
+SUBMITIT_SIGNAL: signal.Signals = getattr(signal, f"SIG{os.environ.get('SUBMITIT_PREEMPT_SIGNAL', 'USR2')}")
+FLAG_SIGNALS: tuple[signal.Signals, ...] = tuple(dict.fromkeys([*STOP_SIGNALS, SUBMITIT_SIGNAL]))
 
 
 class RunStopped(Exception):
     """Training was stopped by a signal after saving a checkpoint; `str()` is the one line to print."""
 
     def __init__(
-        self, signals: list[signal.Signals], step: int, checkpoint: Path | None, requeue: str | None, rank: int = 0
+        self,
+        signals: list[signal.Signals],
+        step: int,
+        checkpoint: Path | None,
+        requeue: str | None,
+        rank: int = 0,
+        exit_code: int | None = None,
     ):
         self.signals = signals
         self.rank = rank  # the one line is printed by rank 0
         self.step = step
         self.checkpoint = checkpoint
         self.requeue = requeue  # what the requeue did (None: not asked)
+        self._exit_code = exit_code
         super().__init__(self.message())
 
     @property
     def exit_code(self) -> int:
-        """128 + the signal's number, as a shell reports a process the signal ended."""
-        return 128 + int(self.signals[0])
+        """128 + the signal's number, as a shell reports a process the signal ended (or the code submitit's
+        requeue exits with, which its local executor reads as "requeue me")."""
+        return self._exit_code if self._exit_code is not None else 128 + int(self.signals[0])
 
     def message(self) -> str:
         names = "/".join(s.name for s in self.signals)
@@ -106,6 +126,14 @@ def requeue_slurm_job(command: Sequence[str] = REQUEUE_COMMAND) -> tuple[bool, s
     return True, f"requeued SLURM job {job}: it resumes from this checkpoint when it starts again"
 
 
+def _submitit_handler(sig: signal.Signals) -> Any:
+    """submitit's requeue handler on `sig` (set in a job of a submitit sweep), or None."""
+    handler = signal.getsignal(sig)
+    owner = getattr(handler, "__self__", None)
+    requeues = getattr(handler, "__name__", "") == "checkpoint_and_try_requeue"
+    return handler if requeues and type(owner).__module__.startswith("submitit.") else None
+
+
 class GracefulStop(Checkpoint):
     """Finish the current step, save `checkpoint`, requeue under SLURM on SIGUSR1, stop with `RunStopped`.
 
@@ -123,9 +151,10 @@ class GracefulStop(Checkpoint):
     def __init__(self, checkpoint: str | Path | None, requeue_command: Sequence[str] = REQUEUE_COMMAND):
         self.checkpoint = Path(checkpoint) if checkpoint is not None else None
         self.requeue_command = tuple(requeue_command)
-        self.received: dict[signal.Signals, bool] = dict.fromkeys(STOP_SIGNALS, False)
+        self.received: dict[signal.Signals, bool] = dict.fromkeys(FLAG_SIGNALS, False)
         self._pid = os.getpid()
         self._previous: dict[signal.Signals, Any] = {}
+        self._submitit: Any = None  # submitit's requeue handler, run at the step boundary (a submitit job)
         self._group: Any = None  # the process group of the flag all-reduce (None: the default group)
         self._checked_step: int | None = None
         self._stopped: RunStopped | None = None  # saved (and requeued): raised when the next batch starts
@@ -142,7 +171,10 @@ class GracefulStop(Checkpoint):
     def _install(self) -> None:
         if threading.current_thread() is not threading.main_thread():
             return  # Python only lets the main thread set handlers (Lightning skips them there too)
-        for sig in STOP_SIGNALS:
+        if self._submitit is None and SUBMITIT_SIGNAL not in self._previous:
+            self._submitit = _submitit_handler(SUBMITIT_SIGNAL)
+        signals = [*STOP_SIGNALS, *([SUBMITIT_SIGNAL] if self._submitit is not None else [])]
+        for sig in dict.fromkeys(signals):
             previous = signal.signal(sig, self._handle)
             self._previous.setdefault(sig, previous)
 
@@ -185,10 +217,10 @@ class GracefulStop(Checkpoint):
 
     def _agree(self, trainer: L.Trainer) -> list[signal.Signals]:
         """The signals any rank received, the same list on every rank (one all-reduce of a few ints)."""
-        flags = torch.tensor([int(self.received[s]) for s in STOP_SIGNALS], dtype=torch.int32)
+        flags = torch.tensor([int(self.received[s]) for s in FLAG_SIGNALS], dtype=torch.int32)
         if _distributed(trainer):
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
-        return [s for s, f in zip(STOP_SIGNALS, flags.tolist()) if f]
+        return [s for s, f in zip(FLAG_SIGNALS, flags.tolist()) if f]
 
     def _save_and_requeue(self, trainer: L.Trainer, signals: list[signal.Signals]) -> RunStopped:
         step = trainer.global_step
@@ -197,13 +229,38 @@ class GracefulStop(Checkpoint):
             log.warning("%s received: saving a checkpoint at step %d, then stopping", names, step)
         if self.checkpoint is not None:
             trainer.save_checkpoint(self.checkpoint)  # every rank; rank 0 writes; ends with a barrier
-        requeue = None
-        if any(s in REQUEUE_SIGNALS for s in signals) and on_slurm():
+        requeue, exit_code = None, None
+        if self._submitit is not None and SUBMITIT_SIGNAL in signals:
+            requeue = "requeued through submitit by rank 0"
+            if trainer.is_global_zero:
+                requeue, exit_code = self._requeue_through_submitit()
+        elif any(s in REQUEUE_SIGNALS for s in signals) and on_slurm():
             requeue = "requeued by rank 0"
             if trainer.is_global_zero:
                 done, requeue = requeue_slurm_job(self.requeue_command)
                 (log.info if done else log.warning)("%s", requeue)
-        return RunStopped(signals, step, self.checkpoint, requeue, rank=trainer.global_rank)
+        if requeue is not None and _distributed(trainer):
+            dist.barrier(group=self._group)  # no rank exits (ending the job step) before rank 0 has requeued
+        return RunStopped(signals, step, self.checkpoint, requeue, rank=trainer.global_rank, exit_code=exit_code)
+
+    def _requeue_through_submitit(self) -> tuple[str, int | None]:
+        """Run submitit's handler now (rank 0; the checkpoint is saved): its bookkeeping (the resubmission
+        pickle, the timeout countdown) and its requeue, but not its `sys.exit`, which waits until the ranks
+        stop together. (what happened, the exit code its requeue asks for)"""
+        owner = self._submitit.__self__
+        owner._exit = lambda: None  # submitit's exit after requeueing ("extracted for mocking" there)
+        try:
+            self._submitit(int(SUBMITIT_SIGNAL), None)
+        except SystemExit as requeued:  # the local executor requeues by exiting with a code it recognises
+            code = requeued.code if isinstance(requeued.code, int) else None
+            return "requeued through submitit: the job resumes from this checkpoint when it starts again", code
+        except Exception as err:  # submitit would not requeue (e.g. timed out too many times): say why
+            return f"submitit did not requeue the job ({one_line(err)})", None
+        return "requeued through submitit: the job resumes from this checkpoint when it starts again", None
+
+
+def one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
 
 
 def _distributed(trainer: L.Trainer) -> bool:

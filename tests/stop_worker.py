@@ -10,7 +10,9 @@ send a signal while a rank is inside a chosen phase of a chosen step:
     none        no pacing (a plain run)
 
 At that phase of step STEP (the optimizer step being computed, 0-based) the rank writes OUT/<phase>.rank<r>
-and sleeps ERG_TEST_PAUSE seconds (default 1.5). Only instrumentation lives here; train.py runs unchanged.
+("<step> <pid>") and sleeps ERG_TEST_PAUSE seconds (default 1.5). Only instrumentation lives here; train.py
+runs unchanged. Processes that train.py starts itself (a submitit job) get the same pacing through
+tests/pace/sitecustomize.py (PYTHONPATH=tests/pace, ERG_TEST_PACE=<OUT>:<PHASE>:<STEP>).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class Pace(L.Callback):
         if self.done or phase != self.phase or trainer is None or trainer.global_step != self.step:
             return
         self.done = True
-        (self.out / f"{phase}.rank{trainer.global_rank}").write_text(str(trainer.global_step))
+        (self.out / f"{phase}.rank{trainer.global_rank}").write_text(f"{trainer.global_step} {os.getpid()}")
         if phase != "start":
             time.sleep(PAUSE)
 
@@ -57,25 +59,30 @@ class Pace(L.Callback):
         self.pause("start")
 
 
+def install(out: Path, phase: str, step: int) -> None:
+    """Add the pacing to every run of models.training in this process (instrumentation only)."""
+    import data.base
+    from models import training
+
+    pace = Pace(out, phase, step)
+    build = training.build_callbacks
+    training.build_callbacks = lambda cfg, run_dir: [*build(cfg, run_dir), pace]
+    collate = data.base.collate_dicts
+
+    def slow_collate(items):
+        pace.pause("dataloader")  # the fetch of the batch for the current step (num_workers=0)
+        return collate(items)
+
+    data.base.collate_dicts = slow_collate
+
+
 def main() -> None:
     out, phase, step, overrides = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4:]
     torch.set_num_threads(1)
     import runpy
 
-    import data.base
-    from models import training
-
     if phase != "none":
-        pace = Pace(out, phase, step)
-        build = training.build_callbacks
-        training.build_callbacks = lambda cfg, run_dir: [*build(cfg, run_dir), pace]  # instrumentation only
-        collate = data.base.collate_dicts
-
-        def slow_collate(items):
-            pace.pause("dataloader")  # the fetch of the batch for the current step (num_workers=0)
-            return collate(items)
-
-        data.base.collate_dicts = slow_collate
+        install(out, phase, step)
     sys.argv = [str(ROOT / "train.py"), *overrides]
     runpy.run_path(str(ROOT / "train.py"), run_name="__main__")  # as `python train.py OVERRIDE...`
 

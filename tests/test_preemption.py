@@ -304,3 +304,41 @@ def test_a_run_ended_before_its_first_checkpoint_reruns_with_each_step_once(tmp_
         assert [r["step"] for r in csv.DictReader(f) if r.get("train/loss")], "no rows: nothing to log twice"
     _run(tmp_path, run_dir, 1)
     _assert_same_end(run_dir, reference)
+
+
+def test_submitits_preemption_signal_saves_at_the_step_boundary_and_the_requeued_job_continues(tmp_path):
+    """A job of a submitit sweep (hydra/launcher=submitit_local: submitit's real job process, its USR2 handler and
+    its requeue, on this machine) gets SIGUSR2, submitit's preemption signal, inside the optimizer step of step 5:
+    the step finishes, last.ckpt is saved at step 6 (not only the periodic one of step 4), submitit requeues the job
+    (its local executor: exit 144, started again), the requeued job resumes at step 6, the sweep ends normally, and
+    the run ends bit for bit where the uninterrupted one ends, every step once in metrics.csv."""
+    reference, run_dir, markers, sweep = (tmp_path / n for n in ("reference", "run", "markers", "sweep"))
+    _run_here(reference)
+    markers.mkdir()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(OMP_NUM_THREADS="1", WANDB_MODE="disabled", ERG_TEST_PACE=f"{markers}:optimizer:5",
+               PYTHONPATH=os.pathsep.join([str(ROOT / "tests" / "pace"), str(ROOT)]))  # fmt: skip
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", "hydra/launcher=submitit_local", f"hydra.sweep.dir={sweep}",
+           *small_run_overrides(run_dir, STEPS, EXTRA)]  # fmt: skip
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    marker = markers / "optimizer.rank0"
+    deadline = time.monotonic() + WAIT_S
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if not marker.exists():
+        proc.kill()
+        pytest.fail(f"the submitit job never reached step 5:\n{proc.communicate()[0][-3000:]}")
+    os.kill(int(marker.read_text().split()[1]), signal.SIGUSR2)
+    try:
+        out = proc.communicate(timeout=2 * WAIT_S)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        pytest.fail("hang: the sweep did not end after submitit's requeue")
+    assert proc.returncode == 0, out[-3000:]
+    job_logs = "\n".join(p.read_text() for p in sorted((sweep / ".submitit").glob("*/*_log.*")))
+    stopped = [m for line in job_logs.splitlines() if (m := STOPPED.search(line))]
+    assert len(stopped) == 1 and stopped[0][1] == "SIGUSR2" and stopped[0][2] == "6", job_logs[-4000:]
+    assert "requeued through submitit" in stopped[0][0] and "Requeued job" in job_logs, job_logs[-4000:]
+    assert re.search(r"resuming \S+ from \S+last\.ckpt \(step 6\)", job_logs), job_logs[-4000:]
+    assert "Traceback" not in job_logs, job_logs[-4000:]
+    _assert_same_end(run_dir, reference)

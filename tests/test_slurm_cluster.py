@@ -270,8 +270,9 @@ def test_template_requeue_by_usr1_on_two_ranks_continues_the_same_run(slurm_env,
 
 def test_submitit_requeue_by_usr2_continues_the_same_run(slurm_env, tmp_path):
     """SIGUSR2 (what submitit's --signal=USR2@<signal_delay_s> sends before the time limit) to a training
-    sweep's job: submitit requeues it and exits; the requeued job runs the same point again, which resumes
-    its run folder from the newest checkpoint and trains to the last step; the sweep then ends normally."""
+    sweep's job: the run saves last.ckpt at the end of its step, submitit requeues the job; the requeued job
+    runs the same point again, which resumes at that step and trains to the last step; the sweep then ends
+    normally, every step once in metrics.csv."""
     steps, every = 60, 10  # the signal lands after the first checkpoint, long before the last step
     proc = multirun(
         slurm_env, tmp_path, "train.py", "hydra/launcher=submitit_slurm", *SUBMITIT_CPU, *CPU_TRAINING,
@@ -286,13 +287,15 @@ def test_submitit_requeue_by_usr2_continues_the_same_run(slurm_env, tmp_path):
     out = finish(proc, tmp_path, 600)
     assert proc.returncode == 0, out[-3000:]
 
-    job_log = next((sweep_dir / ".submitit").glob("*/*_log.out")).read_text()
+    job_log = "\n".join(p.read_text() for p in sorted((sweep_dir / ".submitit").glob("*/*_log.*")))  # out, err
     assert "Requeued job" in job_log, job_log[-3000:]
     resumed = re.findall(r"resuming (\S+) from (\S+) \(step (\d+)\)", job_log)
     assert len(resumed) == 1, job_log[-3000:]
     folder, checkpoint, step = resumed[0]
     assert Path(folder) == run_dir.resolve() and Path(checkpoint).parent == run_dir.resolve() / "checkpoints"
-    assert int(step) >= every  # the same run, from its checkpoint (the last periodic one)
+    stopped = re.findall(r"stopped by SIGUSR2 at step (\d+), checkpoint (\S+): .*requeued through submitit", job_log)
+    assert len(stopped) == 1, job_log[-3000:]
+    assert int(step) == int(stopped[0][0]) >= every and Path(checkpoint).name == "last.ckpt"  # where it stopped
     assert job_info(slurm_env, job).get("Restarts") == "1"
     assert checkpoint_step(run_dir / "checkpoints" / "last.ckpt") == steps
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["usr2"]
