@@ -28,8 +28,9 @@ class CheckpointWriteError(OSError):
 
 def save_checkpoint_atomic(checkpoint: dict[str, Any], path: str | Path) -> Path:
     """`torch.save(checkpoint, path)` so that `path` holds the previous file or the new one, never a part.
-    Temporaries left by writers killed earlier (SIGKILL: nothing could remove them) are removed after a
-    successful write; one process writes a given checkpoint (rank 0), so none of them is still in use."""
+    Temporaries left by writers killed earlier (SIGKILL: nothing could remove them), of this checkpoint and
+    of the folder's other checkpoints, are removed after a successful write; one process writes a run's
+    checkpoints (rank 0), one at a time, so none of them is still in use."""
     path = Path(path)
     try:
         with atomic_open(path) as f:
@@ -38,15 +39,23 @@ def save_checkpoint_atomic(checkpoint: dict[str, Any], path: str | Path) -> Path
         err = _os_error(raised)
         if err is None:
             raise
-        what = "the disk is full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else (err.strerror or str(err))
         previous = f"the previous {path.name} is intact" if path.exists() else "no earlier file had that name"
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            what = "the disk is full" if err.errno == errno.ENOSPC else "the disk quota is exceeded"
+            fix = "Free space (or write checkpoints less often: checkpoint.every_n_steps)"
+        elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            what = f"the folder is not writable ({err.strerror or err})"
+            fix = f"Make {path.parent} writable (or train into another folder: run_dir=...)"
+        else:
+            what, fix = err.strerror or str(err), "Fix the cause"
         raise CheckpointWriteError(
             err.errno,
-            f"could not write checkpoint {path}: {what} ({err.strerror or err}); {previous} and no partial file "
-            "was left. Free space (or write checkpoints less often: checkpoint.every_n_steps) and rerun the same "
-            "command to resume",
+            f"could not write checkpoint {path}: {what}; {previous} and no partial file was left. {fix} and rerun "
+            "the same command to resume",
         ) from raised
-    for stale in stale_temporaries(path):
+    # temporaries of any checkpoint of this folder left by a writer killed earlier (SIGKILL: nothing could
+    # remove them; a step_*.ckpt name is written only once, so its own next write would never come)
+    for stale in {*stale_temporaries(path), *path.parent.glob(".*.ckpt.*.tmp")}:
         stale.unlink(missing_ok=True)
     return path
 

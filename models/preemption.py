@@ -11,17 +11,19 @@ before the time limit (`#SBATCH --signal=USR1@120`). A terminal sends SIGINT on 
   with ONE all-reduce (MAX; over a CPU/gloo group, so it never waits for the GPU stream). Every rank
   reaches that point after the same number of steps, so the collective always pairs up.
 - Then every rank calls `trainer.save_checkpoint(checkpoints/last.ckpt)` together (rank 0 writes it
-  atomically, `models.checkpoint_io`) and rank 0 requeues the job if a rank received SIGUSR1 under SLURM
-  (`requeue_slurm_job`). Every rank raises `RunStopped` when the next batch starts (after Lightning has
-  logged the step's metrics, so metrics.csv holds every step the checkpoint holds): `train.py` prints one
-  line (rank 0) and exits with 128 + the signal number. Rerunning the same command resumes from there.
-  A signal during the last step changes nothing: the run ends normally (last.ckpt at its final step).
+  atomically, `models.checkpoint_io`). When the next batch starts (Lightning has logged the step's metrics
+  by then) the loggers are flushed, so metrics.csv holds every step the checkpoint holds, rank 0 requeues
+  the job if a rank received SIGUSR1 under SLURM (`requeue_slurm_job`), the ranks wait for it at a
+  barrier, and every rank raises `RunStopped`: `train.py` prints one line (rank 0) and exits with
+  128 + the signal number. Rerunning the same command resumes from there. A signal during the last step
+  changes nothing: the run ends normally (last.ckpt at its final step), and nothing is requeued.
 - A second Ctrl-C stops at once (KeyboardInterrupt), as a user pressing it twice expects; the checkpoints
   on disk stay intact (atomic writes).
 
 Lightning's own SLURM auto-requeue (it saves inside the USR1 handler) is switched off where the run is
 assembled (`models.training`: `SLURMEnvironment(auto_requeue=False)`), and the SIGTERM handler Lightning
-installs when `fit` starts (it broadcasts inside the handler) is replaced at `on_train_start`.
+would install when `fit` starts (it broadcasts inside the handler, then exits with code 0) is never
+installed (`GracefulStop.setup`).
 
 A job of a submitit sweep (`hydra/launcher=submitit_slurm`): submitit's own handler for its preemption
 signal (SIGUSR2 `signal_delay_s` before the time limit) requeues the job and `sys.exit`s wherever the
@@ -92,8 +94,9 @@ class RunStopped(Exception):
 
     def message(self) -> str:
         names = "/".join(s.name for s in self.signals)
-        saved = f"checkpoint {self.checkpoint}" if self.checkpoint else "no checkpoint (a smoke run keeps none)"
-        line = f"stopped by {names} at step {self.step}, {saved}: rerun the same command to resume"
+        if self.checkpoint is None:  # a smoke run (fast_dev_run) keeps no checkpoint: nothing to resume
+            return f"stopped by {names} at step {self.step} (a smoke run: no checkpoint, nothing to resume)"
+        line = f"stopped by {names} at step {self.step}, checkpoint {self.checkpoint}: rerun the same command to resume"
         return line if self.requeue is None else f"{line} ({self.requeue})"
 
 
@@ -157,7 +160,7 @@ class GracefulStop(Checkpoint):
         self._submitit: Any = None  # submitit's requeue handler, run at the step boundary (a submitit job)
         self._group: Any = None  # the process group of the flag all-reduce (None: the default group)
         self._checked_step: int | None = None
-        self._stopped: RunStopped | None = None  # saved (and requeued): raised when the next batch starts
+        self._signals: list[signal.Signals] = []  # agreed at a step boundary and saved: stop at the next batch
 
     # --- signal handlers: a flag only ----------------------------------------------------------------
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -190,8 +193,14 @@ class GracefulStop(Checkpoint):
             self._previous = {}
 
     # --- the agreement at step boundaries ----------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # Lightning registers its own SIGTERM handler when fit starts (after this hook, before on_train_start:
+        # while the dataloaders are built). It broadcasts inside the handler and exits with code 0 and no
+        # message; ours are installed already, so Lightning's registration is switched off for this Trainer.
+        trainer._signal_connector.register_signal_handlers = lambda: None
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._install()  # over the SIGTERM handler Lightning registered when fit started
+        self._install()  # (again: a handler installed by other code since `handling_signals` began)
         self._checked_step = trainer.global_step
         if _distributed(trainer) and dist.get_backend() != "gloo":
             # NCCL (GPUs): the flags travel on a CPU group, so reading them never waits for the GPU stream.
@@ -200,19 +209,19 @@ class GracefulStop(Checkpoint):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if step == self._checked_step or self._stopped is not None:  # mid-accumulation, or already stopping
+        if step == self._checked_step or self._signals:  # mid-accumulation, or already stopping
             return
         self._checked_step = step
         signals = self._agree(trainer)
         if signals and not (0 < trainer.max_steps <= step):  # (the last step ends the run anyway)
-            self._stopped = self._save_and_requeue(trainer, signals)
+            self._save(trainer, signals)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if self._stopped is not None:
-            raise self._stopped
+        if self._signals:  # saved at the end of the previous step; its metrics are logged by now
+            raise self._requeue_and_stop(trainer)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if any(self.received.values()) and self._stopped is None and trainer.is_global_zero:
+        if any(self.received.values()) and trainer.is_global_zero:  # (the run ended before the next batch)
             log.info("a stop signal arrived during the last step; training had finished, nothing to resume")
 
     def _agree(self, trainer: L.Trainer) -> list[signal.Signals]:
@@ -222,41 +231,53 @@ class GracefulStop(Checkpoint):
             dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self._group)
         return [s for s, f in zip(FLAG_SIGNALS, flags.tolist()) if f]
 
-    def _save_and_requeue(self, trainer: L.Trainer, signals: list[signal.Signals]) -> RunStopped:
-        step = trainer.global_step
-        names = "/".join(s.name for s in signals)
+    def _save(self, trainer: L.Trainer, signals: list[signal.Signals]) -> None:
+        self._signals = signals
         if trainer.is_global_zero:
-            log.warning("%s received: saving a checkpoint at step %d, then stopping", names, step)
+            names = "/".join(s.name for s in signals)
+            log.warning("%s received: saving a checkpoint at step %d, then stopping", names, trainer.global_step)
         if self.checkpoint is not None:
             trainer.save_checkpoint(self.checkpoint)  # every rank; rank 0 writes; ends with a barrier
-        requeue, exit_code = None, None
+
+    def _requeue_and_stop(self, trainer: L.Trainer) -> BaseException:
+        """At the start of the batch after the save: flush the loggers (metrics.csv then holds every step the
+        checkpoint holds, before the requeue makes SLURM end the job), rank 0 requeues if asked, the ranks wait
+        for it together, then every rank stops."""
+        signals, step = self._signals, trainer.global_step
+        requeue, exit_code, error = None, None, None
         if self._submitit is not None and SUBMITIT_SIGNAL in signals:
             requeue = "requeued through submitit by rank 0"
-            if trainer.is_global_zero:
-                requeue, exit_code = self._requeue_through_submitit()
         elif any(s in REQUEUE_SIGNALS for s in signals) and on_slurm():
             requeue = "requeued by rank 0"
-            if trainer.is_global_zero:
+        if requeue is not None:
+            for logger in trainer.loggers:
+                logger.save()
+            if trainer.is_global_zero and self._submitit is not None and SUBMITIT_SIGNAL in signals:
+                requeue, exit_code, error = self._requeue_through_submitit()
+            elif trainer.is_global_zero:
                 done, requeue = requeue_slurm_job(self.requeue_command)
                 (log.info if done else log.warning)("%s", requeue)
-        if requeue is not None and _distributed(trainer):
-            dist.barrier(group=self._group)  # no rank exits (ending the job step) before rank 0 has requeued
+            if _distributed(trainer):
+                dist.barrier(group=self._group)  # no rank exits (ending the job step) before rank 0 has requeued
+        if error is not None:  # submitit did not requeue: its error ends the job with a result, as submitit means
+            return error
         return RunStopped(signals, step, self.checkpoint, requeue, rank=trainer.global_rank, exit_code=exit_code)
 
-    def _requeue_through_submitit(self) -> tuple[str, int | None]:
+    def _requeue_through_submitit(self) -> tuple[str, int | None, Exception | None]:
         """Run submitit's handler now (rank 0; the checkpoint is saved): its bookkeeping (the resubmission
         pickle, the timeout countdown) and its requeue, but not its `sys.exit`, which waits until the ranks
-        stop together. (what happened, the exit code its requeue asks for)"""
+        stop together. (what happened, the exit code its requeue asks for, the error it raised instead)"""
         owner = self._submitit.__self__
         owner._exit = lambda: None  # submitit's exit after requeueing ("extracted for mocking" there)
+        done = "requeued through submitit: the job resumes from this checkpoint when it starts again"
         try:
             self._submitit(int(SUBMITIT_SIGNAL), None)
         except SystemExit as requeued:  # the local executor requeues by exiting with a code it recognises
-            code = requeued.code if isinstance(requeued.code, int) else None
-            return "requeued through submitit: the job resumes from this checkpoint when it starts again", code
-        except Exception as err:  # submitit would not requeue (e.g. timed out too many times): say why
-            return f"submitit did not requeue the job ({one_line(err)})", None
-        return "requeued through submitit: the job resumes from this checkpoint when it starts again", None
+            return done, requeued.code if isinstance(requeued.code, int) else None, None
+        except Exception as err:  # e.g. timed out too many times: submitit raises so that the job gets a result
+            log.warning("submitit did not requeue the job: %s", one_line(err))
+            return f"submitit did not requeue the job ({one_line(err)})", None, err
+        return done, None, None
 
 
 def one_line(err: BaseException) -> str:

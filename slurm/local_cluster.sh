@@ -169,17 +169,21 @@ wait_idle() {  # until sinfo shows the node idle (60 s)
   return 1
 }
 
+ours_or_exit() {  # $DIR is new, empty, or a folder this script made (its marker file)
+  if [[ -d "$DIR" && -n "$(ls -A "$DIR")" && ! -f "$DIR/$MARK" ]]; then
+    say "$DIR exists and is not a folder of this script: set ERG_SLURM_DIR to a new or empty folder"
+    exit 1  # a setting to fix, not a machine that cannot run the cluster
+  fi
+}
+
 start() {
   if [[ -f "$CONF" ]] && running; then
     say "already running ($CONF)"
     return 0
   fi
   [[ "$(id -u)" == 0 ]] || cannot "needs root (slurmd starts jobs as their user; apt-get installs the packages)"
+  ours_or_exit  # before stopping anything: pid files of a folder this script did not make are not ours
   stop_daemons  # leftovers of an earlier start that died halfway (only what its pid files name)
-  if [[ -d "$DIR" && -n "$(ls -A "$DIR")" && ! -f "$DIR/$MARK" ]]; then
-    say "$DIR exists and is not a folder of this script: set ERG_SLURM_DIR to a new or empty folder"
-    exit 1  # a setting to fix, not a machine that cannot run the cluster
-  fi
   rm -rf "${DIR:?}"/{etc,state,spool,log,munge,run,tmp}  # a fresh cluster: no jobs or state of the last one
   mkdir -p "$DIR"/{etc,state,spool,log,munge,run,tmp}
   touch "$DIR/$MARK"
@@ -211,6 +215,8 @@ stop_daemons() {
 }
 
 stop() {
+  [[ -d "$DIR" ]] || return 0
+  ours_or_exit  # never the daemons of pid files this script did not write (e.g. ERG_SLURM_DIR=/var)
   if [[ -f "$CONF" && -n "$(pid_of slurmctld)" ]]; then
     # Its jobs first: slurmd does not end running job steps when it stops.
     local jobs

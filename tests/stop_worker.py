@@ -6,13 +6,17 @@ send a signal while a rank is inside a chosen phase of a chosen step:
     backward    inside the backward pass (a backward hook of the first block)
     optimizer   inside the optimizer step (a step pre-hook)
     dataloader  inside the fetch of the batch (the collate function)
+    startup     inside the fit loop's data set-up: after Lightning registers its own signal handlers (it would),
+                before the first batch
     start       at the first batch, then no pause (the test picks a random moment itself)
     none        no pacing (a plain run)
 
 At that phase of step STEP (the optimizer step being computed, 0-based) the rank writes OUT/<phase>.rank<r>
-("<step> <pid>") and sleeps ERG_TEST_PAUSE seconds (default 1.5). Only instrumentation lives here; train.py
-runs unchanged. Processes that train.py starts itself (a submitit job) get the same pacing through
-tests/pace/sitecustomize.py (PYTHONPATH=tests/pace, ERG_TEST_PACE=<OUT>:<PHASE>:<STEP>).
+("<step> <pid>") and holds still until the test has sent its signal and written OUT/sent (at most
+ERG_TEST_PAUSE seconds, default 120), so the signal lands inside that phase however loaded the machine is.
+Only instrumentation lives here; train.py runs unchanged. Processes that train.py starts itself (a submitit
+job) get the same pacing through tests/pace/sitecustomize.py (PYTHONPATH=tests/pace,
+ERG_TEST_PACE=<OUT>:<PHASE>:<STEP>).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import lightning as L  # noqa: E402
 import torch  # noqa: E402
 
-PAUSE = float(os.environ.get("ERG_TEST_PAUSE", "1.5"))
+PAUSE = float(os.environ.get("ERG_TEST_PAUSE", "120"))  # the longest wait for the signal
 
 
 class Pace(L.Callback):
@@ -39,14 +43,17 @@ class Pace(L.Callback):
         self.trainer: L.Trainer | None = None
         self.done = False
 
-    def pause(self, phase: str) -> None:
-        trainer = self.trainer
+    def pause(self, phase: str, trainer: L.Trainer | None = None) -> None:
+        trainer = trainer or self.trainer
         if self.done or phase != self.phase or trainer is None or trainer.global_step != self.step:
             return
         self.done = True
         (self.out / f"{phase}.rank{trainer.global_rank}").write_text(f"{trainer.global_step} {os.getpid()}")
-        if phase != "start":
-            time.sleep(PAUSE)
+        if phase != "start":  # hold still until the test has sent its signal (OUT/sent), then a little more
+            deadline, sent = time.monotonic() + PAUSE, self.out / "sent"
+            while not sent.exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            time.sleep(0.2)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.trainer = trainer
@@ -74,6 +81,15 @@ def install(out: Path, phase: str, step: int) -> None:
         return collate(items)
 
     data.base.collate_dicts = slow_collate
+    from lightning.pytorch.loops.fit_loop import _FitLoop
+
+    setup_data = _FitLoop.setup_data
+
+    def slow_setup_data(loop):
+        pace.pause("startup", loop.trainer)
+        return setup_data(loop)
+
+    _FitLoop.setup_data = slow_setup_data
 
 
 def main() -> None:

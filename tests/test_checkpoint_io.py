@@ -138,6 +138,46 @@ def test_a_full_disk_leaves_the_previous_checkpoint_and_says_so(tmp_path, monkey
     assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # the temporary file is gone
 
 
+def test_a_killed_step_checkpoint_write_is_cleaned_up_by_the_next_checkpoint_of_the_folder(tmp_path):
+    """A step_*.ckpt name is written once: the temporary its killed writer left is removed by the next write of
+    any checkpoint of the folder (a checkpoint of a real model is GBs: left there, they fill the disk)."""
+    folder = tmp_path / "checkpoints"
+    save_checkpoint_atomic(_checkpoint(1), folder / "step_0000004.ckpt")
+    stale = folder / ".step_0000008.ckpt.abc123.tmp"  # as atomic_open names its temporary
+    stale.write_bytes(b"half a checkpoint")
+    save_checkpoint_atomic(_checkpoint(2), folder / "last.ckpt")
+    assert sorted(p.name for p in folder.iterdir()) == ["last.ckpt", "step_0000004.ckpt"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_a_read_only_checkpoint_folder_says_so_and_not_to_free_space(tmp_path):
+    folder = tmp_path / "checkpoints"
+    save_checkpoint_atomic(_checkpoint(1), folder / "last.ckpt")
+    folder.chmod(0o555)
+    try:
+        with pytest.raises(CheckpointWriteError) as err:
+            save_checkpoint_atomic(_checkpoint(2), folder / "last.ckpt")
+    finally:
+        folder.chmod(0o755)
+    message = str(err.value)
+    assert "the folder is not writable" in message and f"Make {folder} writable" in message, message
+    assert "Free space" not in message and "\n" not in message
+
+
+def test_the_write_error_names_a_fix_that_fits_its_cause(tmp_path, monkeypatch):
+    """(As root a read-only folder is writable, so the cause is injected too: EROFS, a read-only mount.)"""
+    import models.checkpoint_io as cio
+
+    def refuse(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(cio, "atomic_open", refuse)
+    with pytest.raises(CheckpointWriteError) as err:
+        save_checkpoint_atomic(_checkpoint(2), tmp_path / "last.ckpt")
+    message = str(err.value)
+    assert "the folder is not writable (Read-only file system)" in message and "Free space" not in message
+
+
 def _in_private_tmpfs(tmp_path: Path) -> subprocess.CompletedProcess:
     """Run tests/checkpoint_fs_worker.py in a mount namespace of its own, $TMPDIR and a 1 MiB folder on tmpfs
     mounts that vanish with it (nothing is mounted on this machine's tree); skip where that is not allowed."""

@@ -196,3 +196,17 @@ def test_trainer_configs_build_their_strategies():
     assert (multinode["num_nodes"], multinode["devices"]) == (2, 8) and isinstance(multinode["strategy"], DDPStrategy)
     fsdp = kwargs("fsdp")["strategy"]  # FSDP2, sharded by RectifiedFlowModule.configure_model (tests/test_fsdp.py)
     assert isinstance(fsdp, ModelParallelStrategy) and fsdp._save_distributed_checkpoint is False
+
+
+def test_local_cluster_never_stops_daemons_of_a_folder_it_did_not_make(tmp_path):
+    """slurm/local_cluster.sh stop / start with ERG_SLURM_DIR on a folder holding someone else's pid files (say
+    /var, whose run/slurmctld.pid is the system's): exit 1 naming the setting, before anything is stopped."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "slurmctld.pid").write_text(f"{os.getpid()}\n")  # this test's process: must survive
+    for command in ("stop", "start"):
+        out = subprocess.run([str(ROOT / "slurm" / "local_cluster.sh"), command], capture_output=True, text=True,
+                             env={**os.environ, "ERG_SLURM_DIR": str(tmp_path)}, timeout=60)  # fmt: skip
+        assert out.returncode == 1 or (command == "start" and out.returncode == 3), (command, out.stderr)
+        if out.returncode == 1:
+            assert "is not a folder of this script: set ERG_SLURM_DIR" in out.stderr, out.stderr
+    assert (tmp_path / "run" / "slurmctld.pid").exists()
