@@ -195,7 +195,7 @@ def _kornia():
     return pytest.importorskip("kornia", reason="the FDG paper's pyramid (kornia) is a test dependency")
 
 
-@pytest.mark.parametrize(("size", "levels"), [(16, 2), (16, 3), (12, 2), (8, 2)])
+@pytest.mark.parametrize(("size", "levels"), [(16, 2), (16, 3), (12, 2), (8, 2), (8, 3), (16, 4)])
 def test_laplacian_pyramid_is_the_papers_kornia_pyramid(size, levels):
     kornia = _kornia()
     x = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(size))
@@ -300,8 +300,13 @@ def test_fdg_config_errors():
         build_guidance({"method": "fdg", "scales": [2.0, 1.0], "parallel_weights": [0.5]})
     with pytest.raises(GuidanceConfigError, match="guidance.scales must be a non-empty list"):
         build_guidance({"method": "fdg", "scales": 2.0})
+    # the blur runs down to side >> (levels - 2): 8x8 has a 3-level pyramid (8, 4, 2; blurred at 8 and 4, as
+    # kornia's), not a 4-level one (blurred at 2x2)
+    assert [tuple(g.shape[-2:]) for g in laplacian_pyramid(torch.zeros(1, 1, 8, 8), 3)] == [(8, 8), (4, 4), (2, 2)]
+    with pytest.raises(ValueError, match="blurs a 2x2 level.*fewer scales"):
+        laplacian_pyramid(torch.zeros(1, 1, 8, 8), 4)
     with pytest.raises(ValueError, match="fewer scales"):
-        laplacian_pyramid(torch.zeros(1, 1, 8, 8), 3)  # an 8x8 image has no 3-level pyramid with a 5x5 blur
+        laplacian_pyramid(torch.zeros(1, 1, 4, 4), 3)
 
 
 # --- SLG / STG -------------------------------------------------------------------------------------
