@@ -25,7 +25,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -240,12 +240,15 @@ class GuidedSampler:
                         self._forward([b], step, encoded, seeds)
 
     def velocity(self, step: Step, state: dict[str, Any]) -> Tensor:
-        """The guided velocity of an evaluated step (the DiT channel quirk applied if configured)."""
-        v = self.guidance.combine(step, state)
+        """The guided velocity of an evaluated step. With the DiT channel quirk the combine rule runs on
+        the first `guided_channels` channels alone (its statistics are theirs) and the other channels take
+        the positive prediction; a step that evaluated nothing (CFG-Zero*'s zero-init) is the rule's
+        output on every channel."""
         n = self.guidance.guided_channels
-        if n is not None and n < v.shape[1]:
-            v = torch.cat([v[:, :n], step.preds["pos"][:, n:]], dim=1)
-        return v
+        if n is None or n >= step.x.shape[1] or "pos" not in step.preds:
+            return self.guidance.combine(step, state)
+        guided = replace(step, x=step.x[:, :n], preds={k: p[:, :n] for k, p in step.preds.items()})
+        return torch.cat([self.guidance.combine(guided, state), step.preds["pos"][:, n:]], dim=1)
 
     # --- a run -------------------------------------------------------------------------------------
     def encode(self, conditions: Any) -> dict[Any, dict[str, Tensor]]:

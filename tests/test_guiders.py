@@ -517,6 +517,41 @@ def test_cfg_zero_star_evaluates_nothing_on_its_zero_init_steps():
     assert torch.equal(captured[0][1], torch.zeros_like(noise)) and out.shape == noise.shape
 
 
+def test_sit_channel_quirk_keeps_zero_init_steps_free_and_the_statistics_on_the_guided_channels():
+    """guided_channels (the public SiT-XL/2's 3 of 4): CFG-Zero*'s zero-init steps still evaluate nothing and
+    give a zero velocity; elsewhere every rule sees only the guided channels (s*, TCFG's SVD, MAMBO-G's ratio,
+    APG's norm over them), the others take pos."""
+    spy = RowSpy(_dit())
+    s = _sampler(spy, {"method": "cfg_zero_star", "scale": 2.0, "zero_init_steps": 2, "guided_channels": 1})
+    captured = []
+    noise = torch.randn(2, 2, 8, 8, generator=torch.Generator().manual_seed(0))
+    s.sample(noise, LABELS, on_step=lambda step, v: captured.append(v.clone()))
+    assert s.nfe_per_step == [0, 0, 2, 2, 2] and spy.rows == [4, 4, 4]
+    assert torch.equal(captured[0], torch.zeros_like(noise)) and torch.equal(captured[1], torch.zeros_like(noise))
+
+    for cfg in ({"method": "cfg_zero_star", "scale": 3.0}, {"method": "tcfg", "scale": 3.0},
+                {"method": "mambo_g", "scale": 6.0, "alpha": 2.0},
+                {"method": "cfg", "scale": 3.0, "apg": {"norm_threshold": 0.5}}):  # fmt: skip
+        seen = []
+        _sampler(_dit(), {**cfg, "guided_channels": 1}, steps=3).sample(
+            noise, LABELS, on_step=lambda step, v, seen=seen: seen.append((step, v))
+        )
+        step, v = seen[1]  # a step after CFG-Zero*'s zero-init one
+        preds = {k: p[:, :1] for k, p in step.preds.items()}
+        alone = build_guidance(cfg)  # the rule on a one-channel model whose only channel is the guided one
+        state = alone.combine.new_state()
+        if "apg" in cfg:  # APG's momentum: replay the first step on its channel too
+            first = seen[0][0]
+            alone.combine(step_with({k: p[:, :1] for k, p in first.preds.items()}, t=first.time, x=first.x[:, :1],
+                                    index=0, num_steps=3), state)  # fmt: skip
+        expected = alone.combine(step_with(preds, t=step.time, x=step.x[:, :1], index=1, num_steps=3), state)
+        torch.testing.assert_close(v[:, :1], expected, atol=1e-5, rtol=1e-5, msg=str(cfg))
+        assert torch.equal(v[:, 1:], step.preds["pos"][:, 1:])
+        everything = build_guidance(cfg).combine(step_with(dict(step.preds), t=step.time, x=step.x, index=1,
+                                                           num_steps=3), {})  # fmt: skip
+        assert (everything[:, :1] - expected).abs().max() > 1e-4, cfg  # statistics over all channels differ
+
+
 def test_neutral_settings_of_the_new_guiders_reduce_to_cfg():
     model = _dit()
     run = lambda cfg: _sampler(model, cfg, steps=4).sample_indices(range(2), LABELS, base_seed=1)
