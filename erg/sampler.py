@@ -14,8 +14,9 @@ first time (`initial_noise_scale(t_0)`: a DDPM model, erg/integrations/pixart.py
 m(t_0) noise, m = sqrt(t_0^2 + (1 - t_0)^2), which is its pipeline's latents = noise in its own space).
 
 So ERG costs what CFG costs: two rows per image, one forward per step. Conditions are encoded once
-per run per condition kind; CADS noise is drawn per sample and step from the sample's seed, so a
-sample's result depends only on its seed and condition, never on its batch mates. The model runs
+per run per condition kind; CADS noise is drawn per sample and step from the sample's seed (one draw
+per condition tensor, the same for every branch it noises), so a sample's result depends only on its
+seed and condition, never on its batch mates. The model runs
 under bf16 autocast on CUDA; the state x and the combination stay in float32.
 """
 
@@ -24,7 +25,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -182,7 +183,10 @@ class GuidedSampler:
             raise ValueError(f"CADS: branch {b.name!r}'s condition has no tensor(s) {missing} (has {list(inputs)})")
         out = dict(inputs)
         for key in keys:
-            stream = zlib.crc32(f"{b.name}/{key}".encode())  # a noise stream per branch and tensor
+            # One noise stream per tensor, shared by every branch CADS noises (branch=both: pos and neg see the
+            # same n, so they differ only in what the method changes, e.g. ERG's rectified attention). Named
+            # "pos/<key>" as when only pos was noised, so pos-only CADS draws the same n as before.
+            stream = zlib.crc32(f"pos/{key}".encode())
             n = torch.stack(
                 [
                     torch.randn(
@@ -236,12 +240,15 @@ class GuidedSampler:
                         self._forward([b], step, encoded, seeds)
 
     def velocity(self, step: Step, state: dict[str, Any]) -> Tensor:
-        """The guided velocity of an evaluated step (the DiT channel quirk applied if configured)."""
-        v = self.guidance.combine(step, state)
+        """The guided velocity of an evaluated step. With the DiT channel quirk the combine rule runs on
+        the first `guided_channels` channels alone (its statistics are theirs) and the other channels take
+        the positive prediction; a step that evaluated nothing (CFG-Zero*'s zero-init) is the rule's
+        output on every channel."""
         n = self.guidance.guided_channels
-        if n is not None and n < v.shape[1]:
-            v = torch.cat([v[:, :n], step.preds["pos"][:, n:]], dim=1)
-        return v
+        if n is None or n >= step.x.shape[1] or "pos" not in step.preds:
+            return self.guidance.combine(step, state)
+        guided = replace(step, x=step.x[:, :n], preds={k: p[:, :n] for k, p in step.preds.items()})
+        return torch.cat([self.guidance.combine(guided, state), step.preds["pos"][:, n:]], dim=1)
 
     # --- a run -------------------------------------------------------------------------------------
     def encode(self, conditions: Any) -> dict[Any, dict[str, Tensor]]:

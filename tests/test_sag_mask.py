@@ -83,15 +83,31 @@ def sag_mask_from(attn, grid, size):
     return torch.nn.functional.interpolate(mask, size=size, mode="nearest")
 
 
+def near_threshold(sums, grid, size, band=1e-5):
+    """Where a key's attention sum is within `band` of SAG's threshold 1 (its mask bit may flip with the
+    rounding of another computation path or batch shape), upsampled as the mask is. sums: (B, N)."""
+    near = ((sums - 1.0).abs() < band).float().view(-1, 1, *grid)
+    return torch.nn.functional.interpolate(near, size=size, mode="nearest").bool()
+
+
+def assert_same_mask(a, b, near, what=""):
+    """Thresholded masks of two computation paths agree on every key not within rounding of the threshold."""
+    assert near.float().mean() < 0.05, what  # only a few keys are undecided: the comparison still means something
+    assert torch.equal(a[~near], b[~near]), what
+
+
 @torch.no_grad()
 def test_the_mask_is_sags_image_self_attention_mask_whatever_the_text_length(mmdit):
     degrade = SAGDegrade("pos", (0,))
-    masks, old_rule = {}, {}
+    masks, old_rule, near = {}, {}, None
     for length in TEXT_LENGTHS:
         step = first_step(mmdit, length)
         masks[length] = degrade.mask(step)
-        expected = sag_mask_from(image_self_attention(mmdit, step), mmdit.grid, (16, 16))
-        assert torch.equal(masks[length], expected), f"{length} text tokens"
+        attn = image_self_attention(mmdit, step)
+        expected = sag_mask_from(attn, mmdit.grid, (16, 16))
+        undecided = near_threshold(attn.sum(dim=1), mmdit.grid, (16, 16))
+        near = undecided if near is None else near | undecided
+        assert_same_mask(masks[length], expected, undecided, f"{length} text tokens")
         # the rule before the fix: the joint map's image columns summed over image queries, > 1
         img = mmdit.x_embedder(step.x) + mmdit.pos_embed
         c = mmdit.t_embedder(step.t * mmdit.time_scale)
@@ -99,7 +115,8 @@ def test_the_mask_is_sags_image_self_attention_mask_whatever_the_text_length(mmd
         (_, k_txt, _), _ = mmdit.blocks[0].text.pre_attention(mmdit.context_embedder(contexts(length)), c)
         joint = torch.softmax(q @ torch.cat([k, k_txt], dim=2).transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
         old_rule[length] = (joint.mean(dim=1)[..., : k.shape[2]].sum(dim=1) > 1.0).float().mean().item()
-    assert torch.equal(masks[0], masks[16]) and torch.equal(masks[0], masks[64])
+    assert_same_mask(masks[0], masks[16], near)
+    assert_same_mask(masks[0], masks[64], near)
     share = masks[0].mean().item()
     assert 0.2 < share < 0.8  # a real mask, neither empty nor full
     # the old rule shrinks as text tokens take attention (here to nothing at all: SAG = no guidance)
@@ -135,7 +152,7 @@ def test_the_sd3_processor_gives_the_same_rule():
     t = torch.full((2,), 0.4)
     pooled = torch.randn(2, model.transformer.config.pooled_projection_dim)
     width = model.transformer.config.joint_attention_dim
-    masks = {}
+    masks, near = {}, None
     for length in TEXT_LENGTHS:
         maps = AttentionMaps()
         context = torch.randn(2, length, width, generator=torch.Generator().manual_seed(length))
@@ -143,6 +160,10 @@ def test_the_sd3_processor_gives_the_same_rule():
         step = Step(0, 0.4, t, x, {}, {"pos": maps})
         assert maps.image_to_image(0).sum(-1).allclose(torch.ones(2, maps.image_to_image(0).shape[1]))
         masks[length] = SAGDegrade("pos", (0,)).mask(step)
+        undecided = near_threshold(maps.image_to_image(0).sum(dim=1), maps.sites[0].grid, x.shape[2:])
+        near = undecided if near is None else near | undecided
     # block 0's image stream depends on x, t and the pooled vector only: the same mask for every text length
-    assert torch.equal(masks[0], masks[16]) and torch.equal(masks[0], masks[64])
+    # (the text tokens change the joint attention's rounding, so keys on the threshold may flip)
+    assert_same_mask(masks[0], masks[16], near)
+    assert_same_mask(masks[0], masks[64], near)
     assert 0.0 < masks[0].mean().item() < 1.0

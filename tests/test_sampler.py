@@ -188,6 +188,44 @@ def test_kickoff_rectifies_exactly_when_t_is_above_kappa(models):
     assert len(spy.calls) == 10  # one forward per step: pos and neg rows together
 
 
+def test_erg_cads_before_the_kickoff_is_the_conditional_prediction_on_the_noised_class(models):
+    """ERG + CADS on a class model (erg_cads.yaml: both branches noised): ERG's negative is the class itself, so
+    before the kickoff (no I-ERG) neg must see the same CADS-noised class as pos and the guidance term vanish.
+    Noising pos alone (or each branch with its own noise) would guide away from the class there."""
+    cads = {"noise_scale": 0.5, "branch": "both"}  # 10 steps: CADS is active for t < 0.4 (s > tau1 = 0.6)
+    erg_cads = {"method": "erg", "scale": 3.0, "image": {"layers": LAYERS, "kappa": 0.5}, "cads": cads}
+    seen = []
+    s = GuidedSampler(build_guidance(erg_cads), models, config=SamplerConfig(steps=10))
+    s.sample_indices(range(2), [0, 3], on_step=lambda step, v: seen.append((step.time, dict(step.preds), v)))
+    noised = [t for t, _, _ in seen if t <= 0.5 and 0.0 < s.guidance.branch("pos").condition.noise.gamma(t) < 1.0]
+    assert noised  # the comparison below covers steps where the class is noised
+    for t, preds, v in seen:
+        if t <= 0.5:  # t <= kappa: I-ERG off
+            torch.testing.assert_close(preds["neg"], preds["pos"], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v, preds["pos"], atol=1e-5, rtol=1e-5)
+        else:  # after the kickoff the rectified attention makes the difference
+            assert not torch.allclose(preds["neg"], preds["pos"], atol=1e-3)
+    # never kicked off, ERG + CADS is the unguided sampler on the CADS-noised class, step for step
+    never = {**erg_cads, "image": {"layers": LAYERS, "kappa": 1.0}}
+    plain = {"method": "none", "cads": {"noise_scale": 0.5}}
+    run = {k: GuidedSampler(build_guidance(c), models, config=SamplerConfig(steps=10)).sample_indices(range(2), [0, 3])
+           for k, c in (("erg_cads", never), ("cads_pos", plain))}  # fmt: skip
+    torch.testing.assert_close(run["erg_cads"], run["cads_pos"], atol=1e-5, rtol=1e-5)
+
+
+def test_the_erg_cads_configs_noise_both_branches_on_class_models_and_pos_on_text_models():
+    from models.generation import validate
+    from tests.conftest import compose
+
+    def cads(*overrides):
+        return validate(compose("sample", list(overrides)))["guidance"]["cads"]["branch"]
+
+    assert cads("guidance=erg_cads", "checkpoint=x.ckpt") == "both"
+    assert cads("guidance=erg_cads", "model=sit_xl2", "model.checkpoint=x.pt") == "both"
+    assert cads("guidance=erg_mmdit_cads", "checkpoint=x.ckpt") == "pos"  # appendix D, C-ERG's negative
+    assert cads("guidance=erg_cads", "model=sd3_medium") == "pos"
+
+
 def test_layers_outside_the_model_are_an_error_before_sampling(models):
     with pytest.raises(ValueError, match=r"guidance\.image\.layers=\[12, 15\] but the main model has 4 attention"):
         sampler(models, {"method": "erg", "image": {}})

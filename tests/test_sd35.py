@@ -198,12 +198,13 @@ def test_sd35_presets_follow_table_7_scaled_to_their_depth():
     assert chosen("sd35_large", "guidance=seg")[0]["layers"] == [10, 13]
     assert chosen("sd3_medium", "guidance=pag")[0]["layers"] == [6, 8]  # SD3-medium: the other methods too
     slg = chosen("sd35_medium", "guidance=slg")[0]  # SD3.5-medium's own skip-layer setting (sd3_infer.py)
-    assert (slg["layers"], slg["slg_scale"], slg["start"], slg["stop"], slg["skip"]) == (
+    assert (slg["layers"], slg["slg_scale"], slg["start"], slg["stop"], slg["skip"], slg["scale"]) == (
         [7, 10],
         2.5,
         0.01,
         0.2,
         "block",
+        4.0,  # skip_layer_config's "cfg": 4.0, not the model card's 4.5
     )
     assert chosen("flux_dev", "guidance=slg")[0]["layers"] == [14, 19]
 

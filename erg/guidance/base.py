@@ -277,8 +277,11 @@ class Guidance:
 
     name: the method's name in tables ("cfg", "erg_apg", ...).
     guided_channels: DiT/SiT's quirk of guiding only the first channels (3 of 4); the remaining
-        channels take the positive prediction. None guides every channel (the default, except when
-        sampling the public SiT-XL/2: configs/presets/model/for_sit_xl2.yaml sets 3).
+        channels take the positive prediction. The combine rule sees only the guided channels, so its
+        statistics (CFG-Zero*'s s*, TCFG's SVD, MAMBO-G's ratio, APG's norms) are theirs, and a step
+        where it needs no branch (CFG-Zero*'s zero-init) evaluates nothing and is the rule's output on
+        every channel. None guides every channel (the default, except when sampling the public
+        SiT-XL/2: configs/presets/model/for_sit_xl2.yaml sets 3).
     """
 
     name: str
@@ -312,8 +315,10 @@ class Guidance:
 
     def needed(self, step: Step) -> tuple[Branch, ...]:
         """The branches to evaluate at `step`: those the combine rule needs, and 'pos' wherever DiT's
-        channel quirk takes its remaining channels from it."""
-        names = self.combine.needs(step) | ({"pos"} if self.guided_channels is not None else set())
+        channel quirk takes its remaining channels from it (not on a step that needs nothing)."""
+        names = self.combine.needs(step)
+        if names and self.guided_channels is not None:
+            names = names | {"pos"}
         return tuple(b for b in self.branches if b.name in names)
 
     @property

@@ -17,8 +17,11 @@ one by one, and equals the reference for a batch of one. The noise n is drawn pe
 from the sample's seed (the sampler does it), so it does not depend on the batch either.
 
 Which branch is noised is an option (implementations disagree): "pos" by default, as the ERG paper
-(appendix D) noises the positive prediction's condition. Which tensors: the model's conditioning
-says (class embedding for DiT, text tokens for text models), `keys` overrides it.
+(appendix D) noises the positive prediction's condition; "both" gives both branches the same noise n
+(the sampler draws one per sample, step and tensor), which erg_cads.yaml uses on class-conditional
+models, where ERG's negative is the class itself and noising pos alone would guide away from it.
+Which tensors: the model's conditioning says (class embedding for DiT, text tokens for text models),
+`keys` overrides it.
 """
 
 from __future__ import annotations

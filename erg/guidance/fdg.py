@@ -86,9 +86,13 @@ def laplacian_pyramid(x: Tensor, levels: int) -> list[Tensor]:
     low-pass rest, of x reflect-padded where kornia pads (see `_padded_size`). x: (B, C, H, W)."""
     h, w = x.shape[-2:]
     ph, pw = _padded_size(h, w, levels)
-    if min(ph, pw) >> (levels - 1) < 3:
+    # The 5x5 blur (reflect padding 2) needs sides >= 3. It runs on G_0 .. G_{L-2} (pyrdown) and on each
+    # doubled G_{i+1}, the same sizes: the smallest blurred grid is side >> (L - 2); G_{L-1} itself is never
+    # blurred (an 8x8 image has a 3-level pyramid, as in kornia: 8, 4, 2).
+    if levels >= 2 and min(ph, pw) >> (levels - 2) < 3:
         raise ValueError(
-            f"a {levels}-level Laplacian pyramid of a {h}x{w} image has levels smaller than its 5x5 blur; "
+            f"a {levels}-level Laplacian pyramid of a {h}x{w} image blurs a "
+            f"{ph >> (levels - 2)}x{pw >> (levels - 2)} level, smaller than its 5x5 blur allows (3 per side); "
             "give FDG fewer scales (levels)"
         )
     if (ph, pw) != (h, w):

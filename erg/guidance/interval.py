@@ -12,9 +12,14 @@ sigma_lo -> t_hi = 1 / (1 + sigma_lo) (`erg.flow.from_edm_sigma`; `GuidanceInter
 the half-open side moves with it: sigma > sigma_lo <=> t < t_hi, sigma <= sigma_hi <=> t >= t_lo.
 The authors' released setting for EDM2-XXL's best FID (github.com/kynkaat/guidance-interval,
 `generate_zip.py --guidance_interval="[17, 22]"`, guidance 2.0) guides steps 17..22 of their 32-step EDM
-schedule (sigma_max 80, sigma_min 0.002, rho 7: `sampling/edm_sampler.py`), i.e. sigma from 1.61 down to
-0.28, t in [0.38, 0.78] (configs/guidance/cfg_interval.yaml). The window is a property of a model and
-its schedule: the paper finds it by a sweep, and so should a new model.
+schedule (sigma_max 80, sigma_min 0.002, rho 7: `sampling/edm_sampler.py`, `i >= start and i <= stop`).
+Their Heun sampler evaluates each step at its start and, for the correction, at its end, so the guided
+evaluations run from sigma_17 = 1.61 down to sigma_23 = 0.19 (step 22's correction), t from 0.38 to 0.84.
+configs/guidance/cfg_interval.yaml's [0.38, 0.78] covers the steps' starts, sigma 1.61 .. 0.28, which is
+where our Euler sampler evaluates; it is an approximation of their window, also because t = 1 / (1 + sigma)
+maps EDM's sigma exactly only for data at EDM2's own scale (sigma_data 0.5): for latents of another scale
+the same signal-to-noise ratio is another t. The window is a property of a model and its schedule: the
+paper finds it by a sweep, and so should a new model.
 
 Outside the window stateful rules do not update their state (APG's momentum sees guided steps only).
 """
