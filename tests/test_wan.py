@@ -236,6 +236,8 @@ def test_c_erg_acts_on_umt5_only(model):
     assert changed.any()
     lengths = (plain["context"].abs().amax(-1) > 0).sum(1)  # the pipeline zero-pads after each prompt's tokens
     assert all(not changed[b, n:].any() for b, n in enumerate(lengths.tolist()))  # ... and C-ERG keeps the zeros
+    whole = cond.encode(PROMPTS, Condition(RECTIFIED, TextTemperature(0.1, (("umt5_xxl", (1, 22)),), "logits")))
+    assert torch.isfinite(whole["context"]).all() and not torch.equal(whole["context"], weak["context"])  # + bias
 
 
 # --- every method, nothing left behind, cost ------------------------------------------------------------
