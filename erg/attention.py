@@ -312,11 +312,28 @@ class AttentionMaps:
 class Capture(Rectifier):
     """Records softmax(Q K^T / sqrt(d)) of the image-token queries (float32) into `sink` and returns
     the plain attention output. It cannot use a fused kernel for the map itself, so it costs an
-    explicit attention in the layers it watches (SAG, appendix B.4's analysis)."""
+    explicit attention in the layers it watches (SAG, appendix B.4's analysis).
+
+    max_gb: the largest map (rows x heads x image queries x keys x 4 bytes, one layer; the softmax
+    briefly holds about twice that) it may build, in GB (1e9 bytes); a larger one is refused before
+    anything is allocated (`guidance.max_map_gb` for SAG). None: no limit."""
 
     sink: AttentionSink
+    max_gb: float | None = None
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, site: Site) -> Tensor:
+        rows, heads = q.shape[:2]
+        queries, keys = len(range(*site.image.indices(q.shape[2]))), k.shape[2]
+        need_gb = rows * heads * queries * keys * 4 / 1e9
+        if self.max_gb is not None and need_gb > self.max_gb:
+            from erg.guidance.config import GuidanceConfigError  # here: erg.guidance imports this module
+
+            raise GuidanceConfigError(
+                f"SAG's attention map of layer {site.layer} needs {need_gb:.1f} GB (float32 {rows} rows x {heads} "
+                f"heads x {queries} image queries x {keys} keys), above guidance.max_map_gb={self.max_gb:g}: lower "
+                "model.height / model.width (model.num_frames for a video), use guidance=seg or guidance=pag "
+                "(fused attention, no map), or raise guidance.max_map_gb if the GPU has room for about twice that"
+            )
         q_img = q[:, :, site.image].float()
         logits = q_img @ k.float().transpose(-1, -2) / math.sqrt(q.shape[-1])
         self.sink.record(site, torch.softmax(logits, dim=-1))

@@ -212,7 +212,7 @@ class GuidedSampler:
                 rules.append(Rule(p.rectifier, p.layers, rows))
             if b.capture:
                 sinks[b.name] = AttentionMaps()
-                rules.append(Rule(Capture(sinks[b.name]), b.capture, rows))
+                rules.append(Rule(Capture(sinks[b.name], b.capture_max_gb), b.capture, rows))
         x = torch.cat(xs) if len(xs) > 1 else xs[0]
         t = step.t.repeat(len(group))
         inputs = {k: torch.cat([c[k] for c in conds]) if len(conds) > 1 else conds[0][k] for k in conds[0]}

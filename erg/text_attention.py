@@ -19,8 +19,10 @@ Two scopes (`scope=`):
   block 0 and passes it on to every later block, so for each block in the range a forward pre-hook
   hands its attention tau x the bias (computing it with the module's own `compute_bias` in block 0), and
   a forward hook passes the unscaled bias on: blocks outside the range see exactly the plain bias.
-  Needs transformers >= 5 (where T5 adds the padding mask outside the bias). On architectures without
-  an additive bias, "logits" is "query".
+  Needs transformers >= 5 (where T5 adds the padding mask outside the bias). UMT5 (Wan's encoder) computes
+  a bias in every block from that block's own relative-attention embedding and passes none on: there a
+  forward hook scales that embedding's output (`EncoderLayout.bias_table`) in the blocks of the range.
+  On architectures without an additive bias, "logits" is "query".
 
 Ranges are [l_min, l_max) as in the paper's Listing 1 (`range(l_min, l_max)`).
 """
@@ -47,13 +49,16 @@ class EncoderLayout:
     query: dotted path inside a block to the module whose output is the query that enters q k^T.
     note: what scaling that output does to the logits (shown in errors and `repr`).
     bias: dotted path inside a block to the attention module that adds a learned bias to the logits,
-        passed in (and returned) as its `position_bias` (T5); None when the logits have none.
+        passed in (and returned) as its `position_bias` (T5, mT5); None when the logits have none.
+    bias_table: dotted path inside a block to the module whose output is that block's own additive bias,
+        computed there and passed to no other block (UMT5's `relative_attention_bias` embedding); None else.
     """
 
     blocks: tuple[str, ...]
     query: str
     note: str
     bias: str | None = None
+    bias_table: str | None = None
 
 
 ENCODER_LAYOUTS: dict[str, EncoderLayout] = {
@@ -88,7 +93,14 @@ ENCODER_LAYOUTS: dict[str, EncoderLayout] = {
     ),
 }
 ENCODER_LAYOUTS["clip"] = ENCODER_LAYOUTS["clip_text_model"]
-ENCODER_LAYOUTS["mt5"] = ENCODER_LAYOUTS["umt5"] = ENCODER_LAYOUTS["t5"]
+ENCODER_LAYOUTS["mt5"] = ENCODER_LAYOUTS["t5"]  # mT5's attention is T5's: block 0's bias passed on
+ENCODER_LAYOUTS["umt5"] = EncoderLayout(
+    ("encoder.block", "block"),
+    "layer.0.SelfAttention.q",
+    "UMT5 logits = q k^T + a relative position bias of each block's own, without 1/sqrt(d): scaling the query "
+    "projection scales the content term only, as the paper's Listing 1 does (scope='logits' scales the bias too)",
+    bias_table="layer.0.SelfAttention.relative_attention_bias",
+)
 
 
 def encoder_layout(encoder: nn.Module) -> EncoderLayout:
@@ -169,6 +181,13 @@ class AttentionTemperature:
                         f"transformers >= 5 ({path} has no compute_bias(..., past_seen_tokens)); upgrade "
                         "transformers or use scope='query' (the paper's Listing 1)"
                     )
+        # scope="logits" where each block computes its own bias (UMT5): the modules whose output is that bias
+        self.bias_tables: dict[str, nn.Module] = {}
+        if scope == "logits" and self.layout.bias_table is not None:
+            self.bias_tables = {
+                f"{self.blocks_path}.{i}.{self.layout.bias_table}": _get(blocks[i], self.layout.bias_table)
+                for i in range(l_min, l_max)
+            }
         self.hooks: dict[str, Any] = {}
         self._unscaled: dict[int, Tensor] = {}
 
@@ -204,6 +223,8 @@ class AttentionTemperature:
         for path, module in self.bias_targets.items():
             self.hooks[f"{path}:position_bias"] = module.register_forward_pre_hook(self._scale_bias, with_kwargs=True)
             self.hooks[f"{path}:restore_bias"] = module.register_forward_hook(self._restore_bias, with_kwargs=True)
+        for path, module in self.bias_tables.items():
+            self.hooks[path] = module.register_forward_hook(self._scale)
         return self
 
     def __exit__(self, *exc: Any) -> None:

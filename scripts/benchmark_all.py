@@ -542,8 +542,8 @@ def run_all(
             if entry["table"]:
                 print(entry["table"], flush=True)
         doc["finished"] = now()
-        json_path, md_path = _finish(doc, kept, start, out_dir)
-    print("\n" + render(doc))
+        full, json_path, md_path = _finish(doc, kept, start, out_dir)
+    print("\n" + render(full))  # the kept stages too, as the files
     print(f"benchmark_all: wrote {md_path} and {json_path}", flush=True)
     return 1 if failed else 0
 
@@ -565,17 +565,15 @@ def _earlier_stages(path: Path, running: set[str]) -> dict[str, dict]:
     return {k: {**v, "kept": True} for k, v in old.get("stages", {}).items() if k not in running}
 
 
-def _finish(doc: dict, kept: dict, start: float, out_dir: Path) -> tuple[Path, Path]:
-    """Write the files: this run's stages and the kept ones, in the order of STAGES."""
+def _finish(doc: dict, kept: dict, start: float, out_dir: Path) -> tuple[dict, Path, Path]:
+    """Write the files: this run's stages and the kept ones, in the order of STAGES. Returns that merged
+    document (what the files hold; `doc` itself keeps only this run's stages) and the two paths."""
     doc["spent_s"] = round(time.monotonic() - start, 1)
-    stages = doc["stages"]
-    merged = {**kept, **stages}
+    merged = {**kept, **doc["stages"]}
     order = [s.name for s in STAGES]
-    doc["stages"] = dict(sorted(merged.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
-    try:
-        return write_outputs(doc, out_dir)
-    finally:
-        doc["stages"] = stages
+    full = {**doc, "stages": dict(sorted(merged.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order
+                                         else len(order)))}  # fmt: skip
+    return (full, *write_outputs(full, out_dir))
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -138,7 +138,23 @@ def _umt5(width: int) -> Any:
     return UMT5EncoderModel(config).eval()
 
 
-def _cross_attention_pipeline(family: str, config: dict, vae_blocks: int, w_t5: int) -> Any:
+def _scheduler(family: str) -> Any:
+    """The family's scheduler, built on the CPU as from_pretrained builds it (outside the device context: it keeps
+    its sigmas on the CPU, and a meta-device build, tests/test_benchmark_diffusers.py, could not copy them there)."""
+    import diffusers
+
+    if family == "pixart_sigma":
+        return diffusers.DPMSolverMultistepScheduler(beta_schedule="linear")
+    if family.startswith("wan"):
+        return diffusers.UniPCMultistepScheduler(
+            prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0
+        )
+    if family == "flux_dev":
+        return diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True)
+    return diffusers.FlowMatchEulerDiscreteScheduler(shift=1.0 if family == "flux_schnell" else 3.0)
+
+
+def _cross_attention_pipeline(family: str, config: dict, vae_blocks: int, w_t5: int, scheduler: Any) -> Any:
     """PixArt-Sigma (T5, its DPM-Solver) or Wan (UMT5, its UniPC on flow sigmas), with a thin VAE."""
     import diffusers
 
@@ -150,15 +166,14 @@ def _cross_attention_pipeline(family: str, config: dict, vae_blocks: int, w_t5: 
         )  # fmt: skip
         return diffusers.PixArtSigmaPipeline(
             tokenizer=_tokenizer(300), text_encoder=_t5(config["caption_channels"]), vae=vae,
-            transformer=diffusers.PixArtTransformer2DModel(**config),
-            scheduler=diffusers.DPMSolverMultistepScheduler(beta_schedule="linear"),
+            transformer=diffusers.PixArtTransformer2DModel(**config), scheduler=scheduler,
         )  # fmt: skip
     z = config["in_channels"]  # a thin Wan VAE: 8x in space, 4x in time, as Wan 2.1's
     vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=z, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
                                      latents_mean=[0.0] * z, latents_std=[1.0] * z)  # fmt: skip
-    unipc = diffusers.UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0)
     return diffusers.WanPipeline(tokenizer=_tokenizer(512), text_encoder=_umt5(config["text_dim"]), vae=vae,
-                                 scheduler=unipc, transformer=diffusers.WanTransformer3DModel(**config))  # fmt: skip
+                                 scheduler=scheduler,
+                                 transformer=diffusers.WanTransformer3DModel(**config))  # fmt: skip
 
 
 def build_pipeline(family: str, size: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Any:
@@ -168,9 +183,10 @@ def build_pipeline(family: str, size: str, device: torch.device, dtype: torch.dt
     resolution, vae_blocks, latent, (w_l, w_g, w_t5) = SIZES[size]
     config = (REAL if size == "real" else TINY)[family]
     torch.manual_seed(seed)
+    scheduler = _scheduler(family)
     if family in ("pixart_sigma", "wan2_1_t2v_1_3b"):
         with torch.device(device):
-            pipe = _cross_attention_pipeline(family, config, vae_blocks, w_t5)
+            pipe = _cross_attention_pipeline(family, config, vae_blocks, w_t5, scheduler)
         for module in (pipe.transformer, pipe.vae, pipe.text_encoder):
             module.to(dtype=dtype).eval().requires_grad_(False)
         pipe.set_progress_bar_config(disable=True)
@@ -185,9 +201,6 @@ def build_pipeline(family: str, size: str, device: torch.device, dtype: torch.dt
         clip_l = _clip(12, w_l, projection=not family.startswith("flux"))
         if family.startswith("flux"):
             transformer = diffusers.FluxTransformer2DModel(**config)
-            dynamic = family == "flux_dev"
-            scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0 if dynamic else 1.0,
-                                                                  use_dynamic_shifting=dynamic)  # fmt: skip
             pipe = diffusers.FluxPipeline(
                 scheduler=scheduler, vae=vae, text_encoder=clip_l, tokenizer=_tokenizer(77), text_encoder_2=t5,
                 tokenizer_2=_tokenizer(512), transformer=transformer,
@@ -195,7 +208,7 @@ def build_pipeline(family: str, size: str, device: torch.device, dtype: torch.dt
         else:
             transformer = diffusers.SD3Transformer2DModel(**config)
             pipe = diffusers.StableDiffusion3Pipeline(
-                transformer=transformer, scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+                transformer=transformer, scheduler=scheduler, vae=vae,
                 text_encoder=clip_l, tokenizer=_tokenizer(77), text_encoder_2=_clip(32, w_g, projection=True),
                 tokenizer_2=_tokenizer(77), text_encoder_3=t5, tokenizer_3=_tokenizer(512),
             )  # fmt: skip

@@ -149,11 +149,14 @@ def test_a_stage_that_would_not_fit_is_skipped_with_a_line(tmp_path):
     assert "| big | skipped |" in md
 
 
-def test_a_run_of_some_stages_keeps_the_others(tmp_path):
+def test_a_run_of_some_stages_keeps_the_others(tmp_path, capsys):
     stages = [fake("a"), fake("b")]
     run_fake(stages, tmp_path, "--budget-s", "30")
     first = json.loads((tmp_path / "fake.json").read_text())["stages"]
+    capsys.readouterr()
     code, doc, md = run_fake(stages, tmp_path, "--budget-s", "30", "--stages", "b")
+    printed = capsys.readouterr().out
+    assert md.rstrip() in printed  # the printout is the file: the kept stage a included
     assert code == 0 and list(doc["stages"]) == ["a", "b"]
     assert doc["stages"]["a"]["result"] == first["a"]["result"] and doc["stages"]["a"]["kept"]
     assert "kept" not in doc["stages"]["b"]

@@ -1,6 +1,7 @@
 """scripts/benchmark_diffusers.py: runs end to end on a tiny pipeline on CPU (the real figures come from a GPU),
-counts one forward of 2 rows per image and step for CFG and ERG, honours its time budget, and its real-size
-configs are the releases' transformers (built on the meta device: no memory, no time)."""
+counts one forward of 2 rows per image and step for CFG and ERG, honours its time budget, its real-size
+configs are the releases' transformers, and the real-size build (pipeline, adapter, presets, sampler checks;
+benchmark_all's GPU stage included) goes through on the meta device (no memory, no time)."""
 
 from __future__ import annotations
 
@@ -86,3 +87,30 @@ def test_the_real_pixart_sigma_and_wan_sizes_are_the_released_transformers():
         wan = diffusers.WanTransformer3DModel(**bd.REAL["wan2_1_t2v_1_3b"])
     billions = [round(sum(p.numel() for p in m.parameters()) / 1e9, 2) for m in (pixart, wan)]
     assert billions == [0.61, 1.42]  # PixArt-Sigma-XL-2 (28 x 1152); Wan 2.1 T2V 1.3B (30 x 1536)
+
+
+@pytest.mark.parametrize("family", bd.FAMILIES)
+def test_the_real_size_build_reaches_the_sampler_on_the_meta_device(family):
+    """`--size real` runs on a GPU only (the CPU rehearsal is tiny): the same code path, the real pipeline and the
+    adapter around it, each method's presets and the sampler's checks of them, on the meta device (no memory, no
+    compute), so a typo there cannot first fail the GPU run."""
+    from erg.guidance import build_guidance
+    from erg.sampler import GuidedSampler, SamplerConfig
+
+    cfg = bd.DiffusersBench(family=family, size="real", methods=("cfg", "erg"))
+    model = bd.build_model(cfg.family, cfg.size, torch.device("meta"), torch.bfloat16)
+    assert model.transformer.dtype == torch.bfloat16 and model.num_attention_layers >= 24
+    for method in cfg.methods:
+        guidance = build_guidance(bd.method_config(family, method, model.num_attention_layers))
+        sampler = GuidedSampler(guidance, model, config=SamplerConfig(steps=cfg.run_steps, schedule="pipeline"))
+        assert len(sampler.config.times(model)) == cfg.run_steps + 1
+
+
+def test_benchmark_alls_gpu_diffusers_stage_builds_on_the_meta_device():
+    """scripts/benchmark_all.py's GPU sizes of the diffusers stage (its CPU rehearsal runs size=tiny)."""
+    from scripts import benchmark_all
+
+    cfg = benchmark_all.stage_configs(benchmark_all.STAGES, "gpu", [])["diffusers"]
+    assert (cfg.family, cfg.size) == ("flux_dev", "real")
+    model = bd.build_model(cfg.family, cfg.size, torch.device("meta"), torch.bfloat16, offload=cfg.offload)
+    assert round(sum(p.numel() for p in model.transformer.parameters()) / 1e9, 1) == 11.9

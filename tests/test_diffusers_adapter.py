@@ -85,6 +85,35 @@ def test_loading_is_offline_and_its_errors_name_the_expected_files(pipe, tmp_pat
         load_pipeline("StableDiffusion3Pipeline", str(folder), **kw)
 
 
+def test_the_folder_check_follows_the_overrides_every_transformer_and_the_tokenizers(pipe, tmp_path):
+    """A component the caller passes itself (text_encoder_3=None: T5 left out) is not demanded from the folder;
+    transformer_2 (Wan 2.2) needs its weights as transformer does; a tokenizer folder needs a tokenizer file (else
+    from_pretrained fails with a raw traceback)."""
+    kw = {"family": "Stable Diffusion 3", "hub_id": "stabilityai/sd3", "env": "SD3_PATH"}
+    folder = tmp_path / "sd3"
+    pipe.save_pretrained(folder)
+    for weights in (folder / "text_encoder_3").glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(WeightsNotFound, match=r"incomplete: missing text_encoder_3/\*.safetensors\. Download"):
+        load_pipeline("StableDiffusion3Pipeline", str(folder), **kw)
+    loaded = load_pipeline("StableDiffusion3Pipeline", str(folder), text_encoder_3=None, tokenizer_3=None, **kw)
+    assert loaded.text_encoder_3 is None and loaded.transformer is not None
+    for tokenizer_file in (folder / "tokenizer_2").iterdir():
+        tokenizer_file.unlink()
+    with pytest.raises(WeightsNotFound, match=r"missing tokenizer_2/ tokenizer files \(tokenizer.json, spiece.model"):
+        load_pipeline("StableDiffusion3Pipeline", str(folder), text_encoder_3=None, tokenizer_3=None, **kw)
+
+    from erg.integrations.adapter import check_pipeline_folder
+
+    index = json.loads((folder / "model_index.json").read_text())
+    index["transformer_2"] = index["transformer"]  # a second expert (Wan 2.2 A14B) saved without its weights
+    (folder / "model_index.json").write_text(json.dumps(index))
+    (folder / "transformer_2").mkdir()
+    (folder / "transformer_2" / "config.json").write_text("{}")
+    with pytest.raises(WeightsNotFound, match=r"missing tokenizer_2/ .*, transformer_2/\*.safetensors"):
+        check_pipeline_folder(folder, "StableDiffusion3Pipeline", overridden=["text_encoder_3", "tokenizer_3"], **kw)
+
+
 def test_skipping_puts_back_the_input_of_single_stream_blocks_and_of_either_expert():
     """PixArt / Wan blocks take hidden_states first and return it: the skipped rows get their input back bit for
     bit, the others the block's output; a layer may name two blocks (Wan 2.2's experts), whichever runs; the

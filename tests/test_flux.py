@@ -93,10 +93,16 @@ def schnell():
     return tiny_flux_pipeline("schnell")
 
 
-def test_schnell_none_is_the_pipeline_and_its_settings_are_checked(schnell):
+def test_schnell_none_and_cfg_are_the_pipeline_and_its_settings_are_checked(schnell):
+    """schnell: no guidance embedding, its static grid; CFG (model=flux_schnell's preset, scale 2) = the pipeline's
+    true CFG with negative_prompt ""."""
     model = FluxDenoiser(schnell, resolution=16, max_sequence_length=TOKENS, distilled_guidance=None)
     none = build_guidance({"name": "none", "method": "none"})
     torch.testing.assert_close(sampler(model, none).sample(noise(), PROMPTS), pipeline(schnell), atol=1e-5, rtol=0)
+    cfg = family_guidance("flux_schnell", "cfg")
+    assert cfg.name == "cfg_flux"
+    reference = pipeline(schnell, negative_prompt=[""] * 2, true_cfg_scale=2.0)
+    torch.testing.assert_close(sampler(model, cfg).sample(noise(), PROMPTS), reference, atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match="has no guidance embedding .*distilled_guidance=null"):
         FluxDenoiser(schnell, resolution=16, distilled_guidance=3.5)
 

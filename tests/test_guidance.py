@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from erg.attention import AttentionMaps, Site, Temperature
+from erg.attention import AttentionMaps, Capture, Site, Temperature
 from erg.flow import from_diffusion_time
 from erg.guidance import GuidanceConfigError, build_guidance
 from erg.guidance.apg import APG, apg_update
@@ -166,6 +166,28 @@ def test_sag_mask_and_degraded_input():
     torch.testing.assert_close(x_deg, t * (blurred * expected + x0 * (1 - expected)) + (1 - t) * eps)
     nothing = SAGDegrade("pos", (0,), threshold=10.0)(step)  # empty mask: re-noising gives back x_t
     torch.testing.assert_close(nothing, x)
+
+
+def test_sag_refuses_an_attention_map_above_max_map_gb_before_allocating_it():
+    """Wan 2.1 at 480 x 832, 81 frames: 12 heads x 32,760 tokens, about 51 GB of float32 map per row and layer.
+    On the meta device nothing is computed: the refusal comes before any allocation."""
+
+    def limit(cfg):
+        return next(b for b in build_guidance({"method": "sag", **cfg}).branches if b.capture).capture_max_gb
+
+    capture = limit({})
+    assert capture == 16.0  # the default
+    q = torch.empty(1, 12, 32760, 128, device="meta")
+    refused = r"layer 3 needs 51\.5 GB .*guidance\.max_map_gb=16: lower model\.height"
+    with pytest.raises(GuidanceConfigError, match=refused):
+        Capture(AttentionMaps(), max_gb=capture)(q, q, q, Site(layer=3, grid=(21, 30, 52)))
+    small = torch.randn(1, 2, 4, 8)
+    maps = AttentionMaps()
+    Capture(maps, max_gb=capture)(small, small, small, Site(layer=0, grid=(2, 2)))  # a small map: recorded
+    assert maps.image_to_image(0).shape == (1, 4, 4)
+    with pytest.raises(GuidanceConfigError, match=r"guidance\.max_map_gb must be > 0"):
+        build_guidance({"method": "sag", "max_map_gb": 0})
+    assert limit({"max_map_gb": None}) is None
 
 
 # --- config validation ---------------------------------------------------------------------------

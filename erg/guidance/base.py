@@ -144,6 +144,7 @@ class Branch:
     model: "main" or "weak" (AutoGuidance's weaker checkpoint).
     capture: layers whose attention maps (head-averaged, image queries) the sampler records for
         this branch into `Step.maps[name]` (SAG).
+    capture_max_gb: the largest map one layer may need (`erg.attention.Capture.max_gb`); None: no limit.
     input: computes this branch's model input from the branches evaluated before it (SAG's
         degraded input); such a branch runs in a second forward after the others.
     """
@@ -154,6 +155,7 @@ class Branch:
     perturbation: Perturbation | None = None
     capture: frozenset[int] = frozenset()
     input: InputFn | None = None
+    capture_max_gb: float | None = None
 
     @property
     def stage(self) -> int:

@@ -20,7 +20,10 @@ On a video (Wan: latents (B, C, F, H, W), tokens on a (frames, h, w) grid) the m
 and x0 is blurred frame by frame (in space, as SAG blurs an image).
 
 NFE per step: 2 alone, 3 with CFG. The map needs an explicit attention in the watched blocks (no
-fused kernel there).
+fused kernel there), and memory for the full float32 map of a layer: rows x heads x image queries x keys
+x 4 bytes (Wan 2.1 at 480 x 832, 81 frames: 12 heads x 32,760^2 tokens, about 51 GB per row). A map above
+`max_map_gb` (GB, default 16; null: no limit) is refused at the first forward with the figure, instead of
+running out of memory.
 """
 
 from __future__ import annotations
@@ -81,6 +84,7 @@ class SAGConfig:
     blur_sigma: float = 1.0
     blur_kernel: int | None = 9  # SAG's reference and diffusers; null: SEG's size (erg.blur)
     threshold: float = 1.0
+    max_map_gb: float | None = 16.0  # largest attention map of one layer, GB (null: no limit); see the module doc
 
     def __post_init__(self) -> None:
         finite(self.scale, "guidance.scale")
@@ -90,6 +94,8 @@ class SAGConfig:
         if self.blur_kernel is not None and not (isinstance(self.blur_kernel, int) and self.blur_kernel % 2 == 1):
             raise GuidanceConfigError(f"guidance.blur_kernel must be an odd integer or null, got {self.blur_kernel!r}")
         self.layers = layer_range(list(self.layers), "guidance.layers")
+        if self.max_map_gb is not None:
+            self.max_map_gb = positive(self.max_map_gb, "guidance.max_map_gb")
 
 
 def build_sag(cfg: SAGConfig, name: str = "sag") -> Guidance:
@@ -103,7 +109,7 @@ def build_sag(cfg: SAGConfig, name: str = "sag") -> Guidance:
     if cfg.sag_scale != 0.0:
         layers = tuple(cfg.layers)
         src = branches[source]
-        branches[source] = Branch(src.name, src.condition, capture=frozenset(layers))
+        branches[source] = Branch(src.name, src.condition, capture=frozenset(layers), capture_max_gb=cfg.max_map_gb)
         degrade = SAGDegrade(source, layers, cfg.blur_sigma, cfg.blur_kernel, cfg.threshold)
         branches["degraded"] = Branch("degraded", Condition(src.condition.kind), input=degrade)
         terms.append(Term(cfg.sag_scale, source, "degraded"))

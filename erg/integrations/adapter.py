@@ -62,7 +62,7 @@ diffusers is imported only where a pipeline is loaded: `erg` keeps importing tor
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -418,9 +418,17 @@ def _dtype_kwarg(torch_dtype: torch.dtype) -> dict[str, torch.dtype]:
         return {"torch_dtype": torch_dtype}
 
 
-def check_pipeline_folder(folder: Path, pipeline_class: str, family: str, hub_id: str, env: str) -> dict[str, Any]:
+WEIGHT_COMPONENTS = ("transformer", "vae", "unet", "text_encoder")  # name prefixes: weights in *.safetensors
+TOKENIZER_FILES = ("tokenizer.json", "spiece.model", "*.model", "vocab.json", "vocab.txt", "tokenizer_config.json")
+
+
+def check_pipeline_folder(
+    folder: Path, pipeline_class: str, family: str, hub_id: str, env: str, overridden: Iterable[str] = ()
+) -> dict[str, Any]:
     """The folder's model_index.json, after checking that it is a `pipeline_class` folder whose components
-    (transformer/, vae/, text encoders, tokenizers, scheduler/) are all there; else one clear error."""
+    (transformer*/, vae/, text encoders and their *.safetensors, tokenizer*/ with a tokenizer file, scheduler/)
+    are all there; else one clear error. overridden: components the caller passes to `from_pretrained` itself
+    (e.g. text_encoder_3=None: T5 left out), not read from the folder, so not checked."""
     how = (
         f"Download {hub_id} on a machine with network (`hf download {hub_id} --local-dir {folder}`; accept its "
         f"license on its page first if it is gated), copy it here, and set model.path (or ${env}); or let "
@@ -441,17 +449,18 @@ def check_pipeline_folder(folder: Path, pipeline_class: str, family: str, hub_id
             f"{folder} holds a {index.get('_class_name')!r} pipeline, but model={family} needs a {pipeline_class} "
             f"folder ({hub_id}); point model.path at the right folder or choose the model config that matches it"
         )
+    skip = set(overridden)
     missing = []
     for name, spec in index.items():
-        if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
-            continue  # metadata, or a component the pipeline was saved without
+        if name.startswith("_") or name in skip or not isinstance(spec, list) or spec[0] is None:
+            continue  # metadata, a component the caller provides (or leaves out), or one saved without
         sub = folder / name
         if not sub.is_dir():
             missing.append(f"{name}/")
-        elif (name in ("transformer", "vae", "unet") or name.startswith("text_encoder")) and not any(
-            sub.glob("*.safetensors")
-        ):
+        elif name.startswith(WEIGHT_COMPONENTS) and not any(sub.glob("*.safetensors")):
             missing.append(f"{name}/*.safetensors")
+        elif name.startswith("tokenizer") and not any(any(sub.glob(f)) for f in TOKENIZER_FILES):
+            missing.append(f"{name}/ tokenizer files ({', '.join(TOKENIZER_FILES)})")
     if missing:
         raise WeightsNotFound(f"{family} folder {folder} is incomplete: missing {', '.join(missing)}. {how}")
     return index
@@ -481,7 +490,7 @@ def load_pipeline(
         from huggingface_hub import snapshot_download
 
         snapshot_download(repo_id=hub_id, local_dir=str(folder))
-    check_pipeline_folder(folder, pipeline_class, family, hub_id, env)
+    check_pipeline_folder(folder, pipeline_class, family, hub_id, env, overridden=components)
     import diffusers
 
     cls = getattr(diffusers, pipeline_class)

@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,10 +52,49 @@ from erg.attention import AttentionPlan
 from erg.flow import from_diffusers_velocity, to_diffusers_sigma
 from erg.integrations.adapter import AttentionLayer, DiffusersDenoiser, SeamProcessor, installed, load_pipeline
 
-__all__ = ["WAN_ENCODERS", "SelfAttention", "WanDenoiser", "load_wan"]
+__all__ = ["WAN_ENCODERS", "WAN_MODELS", "SelfAttention", "WanDenoiser", "WanModel", "load_wan"]
 
 # C-ERG's name for the pipeline's text encoder (configs/guidance/erg_wan_*.yaml).
 WAN_ENCODERS = {"umt5_xxl": "text_encoder"}
+
+
+@dataclass(frozen=True)
+class WanModel:
+    """What a Wan model config (configs/model/<name>.yaml) expects of its folder, checked by `load_wan`."""
+
+    hub_id: str
+    blocks: int  # transformer blocks (each expert's)
+    two_experts: bool  # Wan 2.2 A14B: transformer_2, the low-noise expert
+    expand_timesteps: bool  # TI2V-5B: a timestep per token
+    env: str  # the environment variable its config reads the folder from
+
+    def describe(self) -> str:
+        experts = "two experts" if self.two_experts else "one transformer"
+        return f"{self.blocks} blocks, {experts}, expand_timesteps={self.expand_timesteps}"
+
+
+WAN_MODELS = {
+    "wan2_1_t2v_1_3b": WanModel("Wan-AI/Wan2.1-T2V-1.3B-Diffusers", 30, False, False, "WAN2_1_T2V_1_3B_PATH"),
+    "wan2_1_t2v_14b": WanModel("Wan-AI/Wan2.1-T2V-14B-Diffusers", 40, False, False, "WAN2_1_T2V_14B_PATH"),
+    "wan2_2_t2v_a14b": WanModel("Wan-AI/Wan2.2-T2V-A14B-Diffusers", 40, True, False, "WAN2_2_T2V_A14B_PATH"),
+    "wan2_2_ti2v_5b": WanModel("Wan-AI/Wan2.2-TI2V-5B-Diffusers", 30, False, True, "WAN2_2_TI2V_5B_PATH"),
+}
+
+
+def _check_variant(pipe: Any, path: str, variant: str) -> None:
+    """Refuse a folder that is not the Wan model its config names (its presets: layers, scale, sampler)."""
+    found = (len(pipe.transformer.blocks), pipe.transformer_2 is not None, bool(pipe.config.get("expand_timesteps")))
+    expected = WAN_MODELS[variant]
+    if found == (expected.blocks, expected.two_experts, expected.expand_timesteps):
+        return
+    match = [name for name, m in WAN_MODELS.items() if (m.blocks, m.two_experts, m.expand_timesteps) == found]
+    hint = f"use model={match[0]}" if match else "use the model config of the Wan model it holds"
+    blocks, two, expand = found
+    raise ValueError(
+        f"{path} holds a Wan transformer with {blocks} blocks, {'two experts' if two else 'one transformer'}, "
+        f"expand_timesteps={expand}, but model={variant} expects {expected.describe()}: {hint} or point model.path "
+        f"(${expected.env}) at a {expected.hub_id} folder"
+    )
 
 
 def _rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -254,6 +294,7 @@ class WanDenoiser(DiffusersDenoiser):
 
 def load_wan(
     path: str,
+    variant: str = "wan2_1_t2v_1_3b",
     height: int = 480,
     width: int = 832,
     num_frames: int = 81,
@@ -264,14 +305,21 @@ def load_wan(
     decode_batch: int = 1,
     offload: bool = False,
     download: bool = False,
-    hub_id: str = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers",
+    hub_id: str | None = None,
 ) -> WanDenoiser:
     """Wan 2.1 / 2.2 text-to-video from a local diffusers folder (a WanPipeline: transformer/ (and transformer_2/
     for Wan 2.2 A14B), vae/, text_encoder/ (UMT5), tokenizer/, scheduler/), never the hub unless download=true
-    (then `hub_id`). dtype: the transformer(s) and UMT5 (auto: bf16 on GPU, float32 on CPU); vae_dtype: the VAE
-    (float32, as Wan's examples load it)."""
+    (then `hub_id`, by default the variant's). variant: the model config's name (`WAN_MODELS`); a folder holding
+    another Wan model (its blocks, experts, expand_timesteps) is refused, naming the model=... that fits it.
+    dtype: the transformer(s) and UMT5 (auto: bf16 on GPU, float32 on CPU); vae_dtype: the VAE (float32, as
+    Wan's examples load it)."""
+    if variant not in WAN_MODELS:
+        raise ValueError(f"model.variant={variant!r} is not a Wan model here; choose one of {sorted(WAN_MODELS)}")
+    expected = WAN_MODELS[variant]
     dtypes = {"default": dtype, "vae": vae_dtype}  # Wan's examples: the VAE in float32 beside a bf16 transformer
-    pipe = load_pipeline(WanDenoiser.pipeline_class, path, family="Wan", hub_id=hub_id, env="WAN_PATH",
-                         dtype=dtypes, download=download)  # fmt: skip
+    pipe = load_pipeline(WanDenoiser.pipeline_class, path, family="Wan", hub_id=hub_id or expected.hub_id,
+                         env=expected.env, dtype=dtypes, download=download)  # fmt: skip
+    if pipe.transformer is not None:  # WanDenoiser refuses a transformer_2-only pipeline itself
+        _check_variant(pipe, path, variant)
     return WanDenoiser(pipe, height=height, width=width, num_frames=num_frames, max_sequence_length=max_sequence_length,
                        negative_prompt=negative_prompt, decode_batch=decode_batch, offload=offload)  # fmt: skip
