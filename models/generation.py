@@ -52,6 +52,9 @@ IDENTITY_KEYS = (
     "checkpoint", "model", "data", "autoencoder", "text_encoder", "guidance", "sampler", "classes", "per_class",
     "prompts", "per_prompt", "num_samples", "seed", "format", "shard_size",
 )  # fmt: skip
+# Keys inside IDENTITY_KEYS that guard a run without changing its images (a folder sampled before such a key
+# existed, or with another value of it, holds the same images): left out of the comparison.
+NOT_IDENTITY = ("guidance.max_map_gb",)
 GRID_KEYS = ("methods", "per_row", "classes", "path")
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -436,6 +439,7 @@ def check_run_config(container: dict[str, Any], out_dir: str | Path) -> None:
         return
     old = OmegaConf.to_container(OmegaConf.load(path))
     changed = flat_diff({k: old.get(k) for k in IDENTITY_KEYS}, {k: container.get(k) for k in IDENTITY_KEYS})
+    changed = [line for line in changed if line.split(":", 1)[0] not in NOT_IDENTITY]
     if changed:
         raise ConfigError(
             f"{out_dir} already holds samples made with other settings:\n  " + "\n  ".join(changed) + "\n"

@@ -281,3 +281,18 @@ def test_latents_are_decoded_with_the_autoencoder_the_model_was_trained_with(ckp
     plain = images("explicit", "autoencoder=identity", "autoencoder.channels=1")  # an explicit one wins
     # uint8(127.5 x + 128) of -x vs x: mirror images around 128 (up to the rounding of the clamp)
     assert np.abs((negated - 128) + (plain - 128)).max() <= 1 and np.abs(plain - 128).max() > 10
+
+
+def test_a_folder_sampled_before_a_guard_key_existed_is_the_same_run(tmp_path):
+    """guidance.max_map_gb (SAG's memory guard) decides no image: a folder whose config.yaml predates it, or
+    has another value of it, is resumed; a key that does decide images (sag_scale) is still refused."""
+    from omegaconf import OmegaConf
+
+    from models.generation import check_run_config
+
+    old = {"guidance": {"method": "sag", "sag_scale": 0.5}, "seed": 0}
+    OmegaConf.save(OmegaConf.create(old), tmp_path / "config.yaml")
+    check_run_config({"guidance": {"method": "sag", "sag_scale": 0.5, "max_map_gb": 16.0}, "seed": 0}, tmp_path)
+    check_run_config({"guidance": {"method": "sag", "sag_scale": 0.5, "max_map_gb": None}, "seed": 0}, tmp_path)
+    with pytest.raises(ConfigError, match=r"guidance\.sag_scale: 0\.5 -> 1\.0"):
+        check_run_config({"guidance": {"method": "sag", "sag_scale": 1.0, "max_map_gb": 16.0}, "seed": 0}, tmp_path)
