@@ -38,6 +38,8 @@ def main(cfg: DictConfig) -> dict | None:
             # result written now would end the sweep's wait for it
             sys.exit(err.exit_code)
         except (CheckpointWriteError, FloatingPointError) as err:  # not a config problem: exit code 1
+            if getattr(err, "reported_by_rank0", False):  # another rank: rank 0 prints the line
+                sys.exit(1)
             fail(str(err), code=1)
     log.info("done: %s", summary)
     print(

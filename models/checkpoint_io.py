@@ -23,7 +23,13 @@ __all__ = ["AtomicCheckpointIO", "CheckpointWriteError", "read_checkpoint_step",
 
 
 class CheckpointWriteError(OSError):
-    """A checkpoint could not be written (disk full, quota, permissions); the previous file is intact."""
+    """A checkpoint could not be written (disk full, quota, permissions); the previous file is intact.
+    `reported_by_rank0`: raised on another rank of a run whose rank 0 failed to write (rank 0 prints the line)."""
+
+    reported_by_rank0 = False
+
+    def __str__(self) -> str:  # the message alone (OSError's own str puts "[Errno 28] " before it)
+        return self.strerror or super().__str__()
 
 
 def save_checkpoint_atomic(checkpoint: dict[str, Any], path: str | Path) -> Path:

@@ -14,6 +14,7 @@ send a signal while a rank is inside a chosen phase of a chosen step:
 At that phase of step STEP (the optimizer step being computed, 0-based) the rank writes OUT/<phase>.rank<r>
 ("<step> <pid>") and holds still until the test has sent its signal and written OUT/sent (at most
 ERG_TEST_PAUSE seconds, default 120), so the signal lands inside that phase however loaded the machine is.
+ERG_TEST_FULL_DISK=<file name>: writing that checkpoint fails as a full disk does (ENOSPC).
 Only instrumentation lives here; train.py runs unchanged. Processes that train.py starts itself (a submitit
 job) get the same pacing through tests/pace/sitecustomize.py (PYTHONPATH=tests/pace,
 ERG_TEST_PACE=<OUT>:<PHASE>:<STEP>).
@@ -99,6 +100,20 @@ def main() -> None:
 
     if phase != "none":
         install(out, phase, step)
+    full_disk = os.environ.get("ERG_TEST_FULL_DISK")  # the checkpoint file name whose write fails: ENOSPC
+    if full_disk:
+        import errno
+
+        import models.checkpoint_io as cio
+
+        atomic_open = cio.atomic_open
+
+        def full(path, *args, **kwargs):
+            if Path(path).name == full_disk:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return atomic_open(path, *args, **kwargs)
+
+        cio.atomic_open = full
     sys.argv = [str(ROOT / "train.py"), *overrides]
     runpy.run_path(str(ROOT / "train.py"), run_name="__main__")  # as `python train.py OVERRIDE...`
 

@@ -355,3 +355,17 @@ def test_submitits_preemption_signal_saves_at_the_step_boundary_and_the_requeued
     assert re.search(r"resuming \S+ from \S+last\.ckpt \(step 6\)", job_logs), job_logs[-4000:]
     assert "Traceback" not in job_logs, job_logs[-4000:]
     _assert_same_end(run_dir, reference)
+
+
+def test_a_full_disk_on_two_ranks_stops_both_with_rank_0s_one_line(tmp_path, monkeypatch):
+    """2 ranks; rank 0's write of the periodic checkpoint of step 4 fails as a full disk does: both ranks end
+    (rank 1 is not left waiting at the save's barrier), exit 1, rank 0 says so in one line, no traceback."""
+    monkeypatch.setenv("ERG_TEST_FULL_DISK", "step_0000004.ckpt")
+    rcs, outputs = Job(tmp_path, tmp_path / "run", 2).finish()
+    assert rcs == [1, 1], (rcs, outputs[0][-3000:], outputs[1][-3000:])
+    assert not any("Traceback" in out for out in outputs), outputs[1][-3000:]
+    lines = [line for line in outputs[0].splitlines() if line.strip()]
+    assert lines[-1].startswith("error: could not write checkpoint "), lines[-1]
+    assert "step_0000004.ckpt: the disk is full" in lines[-1], lines[-1]
+    assert not any(line.startswith("error:") for line in outputs[1].splitlines()), outputs[1][-2000:]
+    assert not list((tmp_path / "run" / "checkpoints").glob("*step_0000004*"))  # no partial file
