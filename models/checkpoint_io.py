@@ -11,6 +11,7 @@ final name (`models.io.atomic_open`: same folder, same filesystem), fsyncs it an
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,13 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from models.io import atomic_open, stale_temporaries
 
-__all__ = ["AtomicCheckpointIO", "CheckpointWriteError", "read_checkpoint_step", "save_checkpoint_atomic"]
+__all__ = [
+    "AtomicCheckpointIO",
+    "CheckpointWriteError",
+    "read_checkpoint_step",
+    "save_checkpoint_atomic",
+    "share_write_errors",
+]
 
 
 class CheckpointWriteError(OSError):
@@ -85,6 +92,36 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} takes no storage_options (it writes local/shared files)")
         save_checkpoint_atomic(checkpoint, path)
+
+
+def share_write_errors(trainer: Any, group: Callable[[], Any] = lambda: None) -> None:
+    """Make every checkpoint save of `trainer` end with the ranks agreeing on whether rank 0 (the writer)
+    failed, so that a full disk stops every rank behind rank 0's one line instead of leaving the others
+    waiting for it at the save's barrier (a gloo traceback on CPU, an NCCL hang until its timeout on GPUs).
+    The other ranks raise a `CheckpointWriteError` with `reported_by_rank0` set. `group()`: the process group
+    of the agreement (a CPU/gloo one; None: the default group, used only where it is gloo)."""
+    import torch.distributed as dist
+
+    strategy = trainer.strategy
+    save = strategy.save_checkpoint
+
+    def save_and_agree(checkpoint: dict[str, Any], filepath: Any, storage_options: Any = None) -> None:
+        failed: CheckpointWriteError | None = None
+        try:
+            save(checkpoint, filepath, storage_options=storage_options)
+        except CheckpointWriteError as err:
+            failed = err
+        distributed = trainer.world_size > 1 and dist.is_available() and dist.is_initialized()
+        if distributed and (group() is not None or dist.get_backend() == "gloo"):
+            flag = torch.tensor([int(failed is not None)], dtype=torch.int32)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group())
+            if flag.item() and failed is None:
+                failed = CheckpointWriteError(errno.EIO, f"rank 0 could not write checkpoint {filepath}")
+                failed.reported_by_rank0 = True
+        if failed is not None:
+            raise failed
+
+    strategy.save_checkpoint = save_and_agree
 
 
 def read_checkpoint_step(path: str | Path) -> int:

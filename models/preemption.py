@@ -37,7 +37,6 @@ the ranks stop together as for SIGUSR1.
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import signal
@@ -53,7 +52,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Checkpoint
 
-from models.checkpoint_io import CheckpointWriteError
+from models.checkpoint_io import share_write_errors
 
 __all__ = ["STOP_SIGNALS", "GracefulStop", "RunStopped", "on_slurm", "requeue_slurm_job", "slurm_job_id"]
 
@@ -201,31 +200,7 @@ class GracefulStop(Checkpoint):
         # while the dataloaders are built). It broadcasts inside the handler and exits with code 0 and no
         # message; ours are installed already, so Lightning's registration is switched off for this Trainer.
         trainer._signal_connector.register_signal_handlers = lambda: None
-        self._share_write_errors(trainer)
-
-    def _share_write_errors(self, trainer: L.Trainer) -> None:
-        """Every checkpoint save ends with the ranks agreeing on whether rank 0 (the writer) failed, so that
-        a full disk stops every rank with rank 0's one line, instead of leaving the others waiting for it at
-        the save's barrier (a gloo traceback on CPU, an NCCL hang until its timeout on GPUs)."""
-        strategy = trainer.strategy
-        save = strategy.save_checkpoint
-
-        def save_and_agree(checkpoint: dict, filepath: Any, storage_options: Any = None) -> None:
-            failed: CheckpointWriteError | None = None
-            try:
-                save(checkpoint, filepath, storage_options=storage_options)
-            except CheckpointWriteError as err:
-                failed = err
-            if _distributed(trainer) and (self._group is not None or dist.get_backend() == "gloo"):
-                flag = torch.tensor([int(failed is not None)], dtype=torch.int32)
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
-                if flag.item() and failed is None:
-                    failed = CheckpointWriteError(errno.EIO, f"rank 0 could not write checkpoint {filepath}")
-                    failed.reported_by_rank0 = True
-            if failed is not None:
-                raise failed
-
-        strategy.save_checkpoint = save_and_agree
+        share_write_errors(trainer, group=lambda: self._group)  # on the flags' CPU group, once it exists
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._install()  # (again: a handler installed by other code since `handling_signals` began)
